@@ -1,0 +1,51 @@
+"""Shared pieces of the torch backend: softcap, row blocking, label handling."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def softcap(x: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
+    """z = c * tanh(x / c) (identity when cap is None)."""
+    return x if cap is None else cap * torch.tanh(x / cap)
+
+
+def softcap_grad(z: torch.Tensor, cap: Optional[float]) -> Optional[torch.Tensor]:
+    """dz/dx = 1 - (z / c)^2 expressed through the capped value z; None for no cap."""
+    return None if cap is None else 1.0 - (z / cap).square()
+
+
+def row_block(n_rows: int, vocab: int, opts_bytes: int, floats_per_element: int) -> int:
+    """Rows per block so that `floats_per_element` fp32 temporaries of (rows, vocab) fit the budget."""
+    per_row = max(1, vocab * 4 * floats_per_element)
+    return max(1, min(n_rows, opts_bytes // per_row))
+
+
+def ce_rows(z: torch.Tensor, lse1: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Hard-label CE at T=1: lse(z) - z[label]; 0 where label < 0 (no CE term for the row)."""
+    has = labels >= 0
+    picked = z.gather(1, labels.clamp_min(0).unsqueeze(1)).squeeze(1)
+    return torch.where(has, lse1 - picked, torch.zeros_like(lse1))
+
+
+def add_ce_grad(g: torch.Tensor, z: torch.Tensor, lse1: torch.Tensor, labels: torch.Tensor,
+                weight: float) -> torch.Tensor:
+    """g += weight * (softmax(z) - onehot(label)) for rows with a label (in place on g, our buffer)."""
+    has = (labels >= 0).unsqueeze(1)
+    g.add_(torch.where(has, (z - lse1.unsqueeze(1)).exp(), torch.zeros((), device=g.device)), alpha=weight)
+    rows = torch.arange(g.shape[0], device=g.device)
+    g.index_put_((rows, labels.clamp_min(0)), torch.where(has.squeeze(1), -weight, 0.0).to(g.dtype),
+                 accumulate=True)
+    return g
+
+
+def finish_grad(g: torch.Tensor, z: torch.Tensor, cap: Optional[float],
+                grad_rows: torch.Tensor) -> torch.Tensor:
+    """Chain through the softcap and scale by the upstream per-row gradient; rows with a zero
+    upstream gradient get exactly 0 (even if their logits are NaN)."""
+    dcap = softcap_grad(z, cap)
+    if dcap is not None:
+        g = g * dcap
+    g = g * grad_rows.unsqueeze(1)
+    return torch.where((grad_rows != 0).unsqueeze(1), g, torch.zeros((), dtype=g.dtype, device=g.device))

@@ -1,0 +1,281 @@
+"""Public loss functions: argument checks, reduction and one backend-agnostic autograd.Function each.
+
+Backends compute per-row losses and per-row statistics in forward, and per-row-weighted gradients in
+backward (docs/backends.md); everything about ignore_index, reductions and normalizers lives here,
+once, for all backends.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from . import validate as V
+from .dispatch import resolve
+from .options import REDUCTIONS, KDOptions
+
+Number = Union[int, float]
+
+
+def _options(**kw) -> KDOptions:
+    return KDOptions(**{k: v for k, v in kw.items() if v is not None})
+
+
+class _Rows:
+    """Which rows count, the CE labels handed to backends (-1 = no CE term), the denominator."""
+
+    def __init__(self, labels: Optional[torch.Tensor], n: int, device: torch.device, opts: KDOptions,
+                 reduction: str, normalizer, vocab: int):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if labels is None:
+            if opts.ce_weight:
+                raise ValueError("ce_weight > 0 needs labels= (the hard next-token targets)")
+            self.mask = torch.ones(n, dtype=torch.bool, device=device)
+            self.ce_labels = torch.full((n,), -1, dtype=torch.int64, device=device)
+        else:
+            labels = labels.reshape(-1)
+            if labels.shape[0] != n:
+                raise ValueError(f"labels must hold one entry per row ({n}), got {labels.shape[0]}")
+            self.mask = labels != opts.ignore_index
+            V.labels_in_range(labels, self.mask, vocab) if opts.ce_weight else None
+            self.ce_labels = torch.where(self.mask, labels.long(), -1) if opts.ce_weight else \
+                torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.reduction = reduction
+        if normalizer is not None:
+            if reduction != "mean":
+                raise ValueError("normalizer= only applies to reduction='mean'")
+            self.denom = torch.as_tensor(normalizer, dtype=torch.float32, device=device).reshape(())
+        else:
+            self.denom = self.mask.sum().clamp_min(1).to(torch.float32)
+
+    def reduce(self, loss_rows: torch.Tensor, lead_shape) -> torch.Tensor:
+        loss_rows = torch.where(self.mask, loss_rows, 0.0)
+        if self.reduction == "none":
+            return loss_rows.reshape(lead_shape)
+        total = loss_rows.sum()
+        return total / self.denom if self.reduction == "mean" else total
+
+    @staticmethod
+    def grad_rows(grad_out: torch.Tensor, reduction: str, mask: torch.Tensor, denom: torch.Tensor):
+        g = grad_out.float().reshape(-1) if reduction == "none" else grad_out.float().expand(mask.shape)
+        if reduction == "mean":
+            g = g / denom
+        return torch.where(mask, g, 0.0)
+
+
+def _flatten_rows(name: str, t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# kd_loss: logits-level
+
+
+class _KDLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, zs, zt, rows: _Rows, backend, opts: KDOptions, lead_shape):
+        loss_rows, stats = backend.kd_forward(zs, zt, rows.ce_labels, opts)
+        V.finite_loss(loss_rows, rows.mask, "student_logits or teacher_logits")
+        ctx.save_for_backward(zs, zt, rows.ce_labels, rows.mask, rows.denom, stats)
+        ctx.backend, ctx.opts, ctx.reduction = backend, opts, rows.reduction
+        return rows.reduce(loss_rows, lead_shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        zs, zt, ce_labels, mask, denom, stats = ctx.saved_tensors
+        grad_rows = _Rows.grad_rows(grad_out, ctx.reduction, mask, denom)
+        g = ctx.backend.kd_backward(zs, zt, ce_labels, stats, grad_rows, ctx.opts)
+        return g, None, None, None, None, None
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
+            divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
+            alpha: float = 0.1, scale_by_temperature_squared: bool = True,
+            labels: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+            normalizer: Optional[Union[Number, torch.Tensor]] = None, ce_weight: float = 0.0,
+            kd_weight: float = 1.0, vocab_size: Optional[int] = None, backend: Optional[str] = None,
+            chunk_bytes: Optional[int] = None) -> torch.Tensor:
+    """Distillation loss between student and teacher logits of shape (..., V), streaming over V.
+
+    Gradients flow to `student_logits` only. See docs/semantics.md for the exact definition.
+    """
+    V.tensor("student_logits", student_logits, min_ndim=1, floating=True)
+    V.tensor("teacher_logits", teacher_logits, min_ndim=1, floating=True)
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must have the same leading (row) shape")
+    if labels is not None:
+        V.tensor("labels", labels, integer=True)
+    device = V.same_device(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)
+    opts = _options(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+                    scale_by_temperature_squared=scale_by_temperature_squared,
+                    ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
+                    vocab_size=vocab_size, chunk_bytes=chunk_bytes)
+    lead = student_logits.shape[:-1]
+    zs, zt = _flatten_rows("student_logits", student_logits), _flatten_rows("teacher_logits", teacher_logits)
+    full_v = zs.shape[1]
+    v = V.common_vocab(full_v, zt.shape[1], vocab_size)
+    zs, zt = zs[:, :v], zt[:, :v]
+    rows = _Rows(labels, zs.shape[0], device, opts, reduction, normalizer, v)
+    mod = resolve(backend, device.type, "kd_loss")
+    return _KDLoss.apply(zs, zt.detach(), rows, mod, opts, lead)
+
+
+# --------------------------------------------------------------------------------------------------
+# fused_linear_kd_loss: online dense teacher
+
+
+def _check_head(prefix: str, h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> None:
+    V.tensor(f"{prefix}_hidden", h, min_ndim=1, floating=True)
+    V.tensor(f"{prefix}_weight", w, ndim=2, floating=True)
+    if h.shape[-1] != w.shape[1]:
+        raise ValueError(f"{prefix}_hidden has hidden size {h.shape[-1]} but {prefix}_weight is "
+                         f"{tuple(w.shape)} (expected (V, {h.shape[-1]}))")
+    V.same_dtype(f"{prefix}_hidden", h, f"{prefix}_weight", w)
+    if b is not None:
+        V.tensor(f"{prefix}_bias", b, ndim=1, floating=True)
+        if b.shape[0] != w.shape[0]:
+            raise ValueError(f"{prefix}_bias must have shape ({w.shape[0]},), got {tuple(b.shape)}")
+
+
+def _cut_head(w: torch.Tensor, b: Optional[torch.Tensor], v: int):
+    return w[:v], (b[:v] if b is not None else None)
+
+
+class _LinearKDLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ht, wt, bt, rows: _Rows, backend, opts, lead_shape):
+        loss_rows, stats = backend.linear_kd_forward(hs, ws, bs, ht, wt, bt, rows.ce_labels, opts)
+        V.finite_loss(loss_rows, rows.mask, "the hidden states or LM-head weights")
+        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, rows.ce_labels, rows.mask, rows.denom, stats)
+        ctx.backend, ctx.opts, ctx.reduction = backend, opts, rows.reduction
+        return rows.reduce(loss_rows, lead_shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hs, ws, bs, ht, wt, bt, ce_labels, mask, denom, stats = ctx.saved_tensors
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bs is not None and ctx.needs_input_grad[2])
+        grad_rows = _Rows.grad_rows(grad_out, ctx.reduction, mask, denom)
+        dh, dw, db = ctx.backend.linear_kd_backward(hs, ws, bs, ht, wt, bt, ce_labels, stats,
+                                                    grad_rows, ctx.opts, need)
+        return dh, dw, db, None, None, None, None, None, None, None
+
+
+def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                         teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, *,
+                         student_bias: Optional[torch.Tensor] = None,
+                         teacher_bias: Optional[torch.Tensor] = None,
+                         student_softcap: Optional[float] = None,
+                         teacher_softcap: Optional[float] = None,
+                         divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
+                         alpha: float = 0.1, scale_by_temperature_squared: bool = True,
+                         labels: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                         reduction: str = "mean",
+                         normalizer: Optional[Union[Number, torch.Tensor]] = None,
+                         ce_weight: float = 0.0, kd_weight: float = 1.0,
+                         vocab_size: Optional[int] = None, backend: Optional[str] = None,
+                         chunk_bytes: Optional[int] = None) -> torch.Tensor:
+    """KD loss between softmax(student_hidden @ student_weight.T) and the same for the teacher,
+    without materializing either (..., V) logits tensor. Hidden sizes may differ."""
+    _check_head("student", student_hidden, student_weight, student_bias)
+    _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
+        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
+                         f"{tuple(teacher_hidden.shape)} must have the same leading (row) shape")
+    if labels is not None:
+        V.tensor("labels", labels, integer=True)
+    device = V.same_device(student_hidden=student_hidden, student_weight=student_weight,
+                           student_bias=student_bias, teacher_hidden=teacher_hidden,
+                           teacher_weight=teacher_weight, teacher_bias=teacher_bias, labels=labels)
+    opts = _options(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+                    scale_by_temperature_squared=scale_by_temperature_squared,
+                    ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
+                    vocab_size=vocab_size, student_softcap=student_softcap,
+                    teacher_softcap=teacher_softcap, chunk_bytes=chunk_bytes)
+    lead = student_hidden.shape[:-1]
+    hs = _flatten_rows("student_hidden", student_hidden)
+    ht = _flatten_rows("teacher_hidden", teacher_hidden)
+    full_v = student_weight.shape[0]
+    v = V.common_vocab(full_v, teacher_weight.shape[0], vocab_size)
+    ws, bs = _cut_head(student_weight, student_bias, v)
+    wt, bt = _cut_head(teacher_weight, teacher_bias, v)
+    rows = _Rows(labels, hs.shape[0], device, opts, reduction, normalizer, v)
+    mod = resolve(backend, device.type, "fused_linear_kd_loss")
+    return _LinearKDLoss.apply(hs, ws, bs, ht.detach(), wt.detach(),
+                               bt.detach() if bt is not None else None, rows, mod, opts, lead)
+
+
+# --------------------------------------------------------------------------------------------------
+# fused_linear_sparse_kd_loss: cached sparse teacher
+
+
+class _LinearSparseKDLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hs, ws, bs, ids, vals, rows: _Rows, backend, opts, lead_shape):
+        loss_rows, stats = backend.linear_sparse_kd_forward(hs, ws, bs, ids, vals, rows.ce_labels, opts)
+        V.finite_loss(loss_rows, rows.mask, "student_hidden or student_weight")
+        ctx.save_for_backward(hs, ws, bs, ids, vals, rows.ce_labels, rows.mask, rows.denom, stats)
+        ctx.backend, ctx.opts, ctx.reduction = backend, opts, rows.reduction
+        return rows.reduce(loss_rows, lead_shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hs, ws, bs, ids, vals, ce_labels, mask, denom, stats = ctx.saved_tensors
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bs is not None and ctx.needs_input_grad[2])
+        grad_rows = _Rows.grad_rows(grad_out, ctx.reduction, mask, denom)
+        dh, dw, db = ctx.backend.linear_sparse_kd_backward(hs, ws, bs, ids, vals, ce_labels, stats,
+                                                           grad_rows, ctx.opts, need)
+        return dh, dw, db, None, None, None, None, None, None
+
+
+def fused_linear_sparse_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                                teacher_ids: torch.Tensor, teacher_values: torch.Tensor, *,
+                                values: str = "logprobs", tail: str = "bucket",
+                                student_bias: Optional[torch.Tensor] = None,
+                                student_softcap: Optional[float] = None,
+                                divergence: str = "forward_kl", temperature: float = 1.0,
+                                beta: float = 0.5, alpha: float = 0.1,
+                                scale_by_temperature_squared: bool = True,
+                                labels: Optional[torch.Tensor] = None, ignore_index: int = -100,
+                                reduction: str = "mean",
+                                normalizer: Optional[Union[Number, torch.Tensor]] = None,
+                                ce_weight: float = 0.0, kd_weight: float = 1.0,
+                                vocab_size: Optional[int] = None, backend: Optional[str] = None,
+                                chunk_bytes: Optional[int] = None) -> torch.Tensor:
+    """KD loss of the student head against a cached sparse teacher: per row k ids (-1 = empty slot)
+    and their values (full-vocab log-probs, or sampling weights), without materializing logits."""
+    _check_head("student", student_hidden, student_weight, student_bias)
+    V.tensor("teacher_ids", teacher_ids, min_ndim=1, integer=True)
+    V.tensor("teacher_values", teacher_values, min_ndim=1, floating=True)
+    if teacher_ids.shape != teacher_values.shape:
+        raise ValueError(f"teacher_ids {tuple(teacher_ids.shape)} and teacher_values "
+                         f"{tuple(teacher_values.shape)} must have the same shape")
+    if teacher_ids.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(f"teacher_ids {tuple(teacher_ids.shape)} must be (*rows, k) with the rows of "
+                         f"student_hidden {tuple(student_hidden.shape[:-1])}")
+    if labels is not None:
+        V.tensor("labels", labels, integer=True)
+    device = V.same_device(student_hidden=student_hidden, student_weight=student_weight,
+                           student_bias=student_bias, teacher_ids=teacher_ids,
+                           teacher_values=teacher_values, labels=labels)
+    opts = _options(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+                    scale_by_temperature_squared=scale_by_temperature_squared,
+                    ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
+                    vocab_size=vocab_size, values=values, tail=tail,
+                    student_softcap=student_softcap, chunk_bytes=chunk_bytes)
+    opts.check_sparse()
+    lead = student_hidden.shape[:-1]
+    hs = _flatten_rows("student_hidden", student_hidden)
+    ids = _flatten_rows("teacher_ids", teacher_ids).long()
+    vals = _flatten_rows("teacher_values", teacher_values).detach()
+    full_v = student_weight.shape[0]
+    v = full_v if vocab_size is None else V.common_vocab(full_v, vocab_size, vocab_size)
+    if ids.shape[1] > v:
+        raise ValueError(f"teacher_ids has k={ids.shape[1]} slots per row, more than the vocabulary "
+                         f"size {v}")
+    V.sparse_teacher(ids, vals, v, opts.values)
+    ws, bs = _cut_head(student_weight, student_bias, v)
+    rows = _Rows(labels, hs.shape[0], device, opts, reduction, normalizer, v)
+    mod = resolve(backend, device.type, "fused_linear_sparse_kd_loss")
+    return _LinearSparseKDLoss.apply(hs, ws, bs, ids, vals, rows, mod, opts, lead)
