@@ -58,7 +58,8 @@ class _Rows:
 
     @staticmethod
     def grad_rows(grad_out: torch.Tensor, reduction: str, mask: torch.Tensor, denom: torch.Tensor):
-        g = grad_out.float().reshape(-1) if reduction == "none" else grad_out.float().expand(mask.shape)
+        g = grad_out.to(denom.dtype) if grad_out.dtype != torch.float64 else grad_out
+        g = g.reshape(-1) if reduction == "none" else g.expand(mask.shape)
         if reduction == "mean":
             g = g / denom
         return torch.where(mask, g, 0.0)

@@ -6,6 +6,15 @@ from typing import Optional
 import torch
 
 
+def acc(x: torch.Tensor) -> torch.Tensor:
+    """The accumulation dtype: float32 for fp32/fp16/bf16 inputs, float64 kept (for gradcheck)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def softcap(x: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
     """z = c * tanh(x / c) (identity when cap is None)."""
     return x if cap is None else cap * torch.tanh(x / cap)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ...options import KDOptions
-from .common import add_ce_grad, ce_rows, finish_grad, row_block, softcap
+from .common import acc, acc_dtype, add_ce_grad, ce_rows, finish_grad, row_block, softcap
 from .terms import element_terms
 
 _TEMPS = 12  # fp32 (rows, V) temporaries alive at once in the block math below
@@ -53,12 +53,12 @@ def _block_grad(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, stats:
 
 def kd_forward(student_logits, teacher_logits, labels, opts: KDOptions):
     n, v = student_logits.shape
-    loss = student_logits.new_empty(n, dtype=torch.float32)
-    stats = student_logits.new_empty(n, 4, dtype=torch.float32)
+    loss = student_logits.new_empty(n, dtype=acc_dtype(student_logits))
+    stats = student_logits.new_empty(n, 4, dtype=acc_dtype(student_logits))
     step = row_block(n, v, opts.chunk_bytes, _TEMPS)
     for r in range(0, n, step):
         s = slice(r, r + step)
-        loss[s], stats[s] = _block_forward(student_logits[s].float(), teacher_logits[s].float(),
+        loss[s], stats[s] = _block_forward(acc(student_logits[s]), acc(teacher_logits[s]),
                                            labels[s], opts)
     return loss, stats
 
@@ -69,7 +69,7 @@ def kd_backward(student_logits, teacher_logits, labels, stats, grad_rows, opts: 
     step = row_block(n, v, opts.chunk_bytes, _TEMPS)
     for r in range(0, n, step):
         s = slice(r, r + step)
-        grad[s] = _block_grad(student_logits[s].float(), teacher_logits[s].float(), labels[s],
+        grad[s] = _block_grad(acc(student_logits[s]), acc(teacher_logits[s]), labels[s],
                               stats[s], grad_rows[s], None, opts)
     return grad
 
@@ -80,13 +80,13 @@ def linear_logits(h: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor]
     z = h @ w.T
     if bias is not None:
         z = z + bias
-    return softcap(z.float(), cap)
+    return softcap(acc(z), cap)
 
 
 def linear_kd_forward(hs, ws, bs, ht, wt, bt, labels, opts: KDOptions):
     n, v = hs.shape[0], ws.shape[0]
-    loss = hs.new_empty(n, dtype=torch.float32)
-    stats = hs.new_empty(n, 4, dtype=torch.float32)
+    loss = hs.new_empty(n, dtype=acc_dtype(hs))
+    stats = hs.new_empty(n, 4, dtype=acc_dtype(hs))
     step = row_block(n, v, opts.chunk_bytes, _TEMPS)
     for r in range(0, n, step):
         s = slice(r, r + step)
@@ -103,7 +103,7 @@ def head_grads(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, need, dh, dw32
     if need_dh:
         dh[s] = (g.to(w.dtype) @ w).to(dh.dtype)
     if need_dw:
-        dw32.addmm_(g.T, h.float())
+        dw32.addmm_(g.T, acc(h))
     if need_db:
         db32.add_(g.sum(0))
 
@@ -111,8 +111,8 @@ def head_grads(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, need, dh, dw32
 def alloc_head_grads(h, w, need):
     need_dh, need_dw, need_db = need
     dh = torch.empty_like(h) if need_dh else None
-    dw32 = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_dw else None
-    db32 = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device) if need_db else None
+    dw32 = torch.zeros(w.shape, dtype=acc_dtype(w), device=w.device) if need_dw else None
+    db32 = torch.zeros(w.shape[0], dtype=acc_dtype(w), device=w.device) if need_db else None
     return dh, dw32, db32
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ...options import LOG_TAIL_FLOOR, KDOptions
-from .common import add_ce_grad, ce_rows, finish_grad, row_block
+from .common import acc_dtype, add_ce_grad, ce_rows, finish_grad, row_block
 from .dense import alloc_head_grads, finish_head_grads, head_grads, linear_logits
 from .terms import element_terms
 
@@ -33,7 +33,7 @@ def _masked_lse(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 def teacher_logprobs(vals: torch.Tensor, valid: torch.Tensor, opts: KDOptions):
     """(lp_K, log P) per docs/semantics.md: renormalized where the tail mode asks, -inf at empty slots."""
-    lp = vals.float()
+    lp = vals.to(acc_dtype(vals))
     if opts.values == "weights":
         lp = torch.log(lp)
     lp = lp.masked_fill(~valid, _NEG_INF)
@@ -73,8 +73,8 @@ def _sparse_terms(b, ids, vals, opts: KDOptions):
 def linear_sparse_kd_forward(hs, ws, bs, ids, vals, labels, opts: KDOptions):
     n, v = hs.shape[0], ws.shape[0]
     T = opts.temperature
-    loss = hs.new_empty(n, dtype=torch.float32)
-    stats = hs.new_empty(n, 4, dtype=torch.float32)
+    loss = hs.new_empty(n, dtype=acc_dtype(hs))
+    stats = hs.new_empty(n, 4, dtype=acc_dtype(hs))
     step = row_block(n, v, opts.chunk_bytes, _TEMPS)
     for r in range(0, n, step):
         s = slice(r, r + step)
