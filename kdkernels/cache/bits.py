@@ -1,0 +1,78 @@
+"""Vectorized bit packing and Elias-Fano coding of sorted id rows (numpy, no Python loop per entry).
+
+Bit order: a bit stream is a little-endian byte string read LSB-first, i.e. bit b of the stream is
+`(buf[b >> 3] >> (b & 7)) & 1`, and a w-bit field at bit p holds `sum_i bit(p + i) << i`.
+
+Elias-Fano row (n distinct ids 0 <= x_0 < ... < x_{n-1} < V, with l = ef_low_bits(n, V)):
+    low part : n fields of l bits, field i = x_i & (2^l - 1)                       n*l bits
+    high part: U = n + ((V-1) >> l) + 1 bits, bit (x_i >> l) + i set, all others 0    U bits
+The row costs n*l + U bits, a function of (n, V) only, so offsets are computable without decoding;
+l minimizes it (about 2 + log2(V/n) bits per id).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_U64 = np.dtype("<u8")
+
+
+def ef_low_bits(n: np.ndarray | int, vocab: int) -> np.ndarray:
+    """l(n, V) = argmin_l n*l + ((V-1) >> l): the low-bit width of an Elias-Fano row (ties: smaller l)."""
+    n = np.asarray(n, dtype=np.int64)
+    top = max(int(vocab - 1).bit_length(), 0)
+    cands = np.arange(top + 1, dtype=np.int64)
+    cost = n[..., None] * cands + ((vocab - 1) >> cands)
+    return np.argmin(cost, axis=-1).astype(np.int64)
+
+
+def ef_high_bits(n: np.ndarray, low: np.ndarray, vocab: int) -> np.ndarray:
+    """U(n, V) for rows with low-bit width `low`."""
+    return n + ((vocab - 1) >> low) + 1
+
+
+def pack(total_bits: int, pos: np.ndarray, val: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """A zero stream of total_bits (rounded up to bytes) with field i (width[i] <= 57 bits, value
+    val[i] < 2^width[i]) written at bit pos[i]. Fields must not overlap. Returns uint8."""
+    nwords = (total_bits + 63) // 64 + 1
+    words = np.zeros(nwords, dtype=_U64)
+    pos = np.asarray(pos, dtype=np.int64)
+    val = np.asarray(val, dtype=np.uint64)
+    width = np.asarray(width, dtype=np.int64)
+    keep = width > 0
+    pos, val, width = pos[keep], val[keep], width[keep]
+    idx = pos >> 6
+    sh = (pos & 63).astype(np.uint64)
+    np.bitwise_or.at(words, idx, val << sh)
+    spill = (pos & 63) + width > 64
+    if spill.any():
+        np.bitwise_or.at(words, idx[spill] + 1, val[spill] >> (np.uint64(64) - sh[spill]))
+    return words.view(np.uint8)[: (total_bits + 7) // 8].copy()
+
+
+def set_bits(buf: np.ndarray, pos: np.ndarray) -> None:
+    """OR single 1-bits at stream positions `pos` into the uint8 buffer (in place, buffer owned here)."""
+    pos = np.asarray(pos, dtype=np.int64)
+    np.bitwise_or.at(buf, pos >> 3, (np.uint8(1) << (pos & 7).astype(np.uint8)))
+
+
+def read(buf: np.ndarray, pos: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """Fields of `width` (<= 57) bits at bit positions `pos`; buf must have 8 bytes past the last
+    field. Returns int64."""
+    pos = np.asarray(pos, dtype=np.int64)
+    if pos.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    win = np.lib.stride_tricks.sliding_window_view(buf, 8)[pos >> 3]
+    word = np.ascontiguousarray(win).view(_U64).reshape(-1)
+    mask = (np.uint64(1) << np.asarray(width, dtype=np.uint64)) - np.uint64(1)
+    return ((word >> (pos & 7).astype(np.uint64)) & mask).astype(np.int64)
+
+
+def region_ones(buf: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """Stream positions of all 1-bits inside the regions [start_r, start_r + length_r), in order."""
+    total = int(buf.size) * 8
+    bits = np.unpackbits(buf, bitorder="little")
+    mark = np.zeros(total + 1, dtype=np.int32)
+    np.add.at(mark, start, 1)
+    np.add.at(mark, start + length, -1)
+    inside = np.cumsum(mark[:-1]) > 0
+    return np.flatnonzero(bits.astype(bool) & inside)

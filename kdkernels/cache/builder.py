@@ -1,0 +1,256 @@
+"""Building a cache: run the teacher body once per token, keep what distillation needs.
+
+Work unit = one shard = a fixed run of `shard_sequences` consecutive sequences. Shard j's bytes are
+a function of the settings and of its sequences only (its batches are cut the same way, a sampled
+shard draws from a generator seeded by (seed, j)), so a shard can be built by any rank, and a resumed
+or distributed build writes the same bytes as a single uninterrupted one. Rank r of W builds the
+shards j with j % W == r; a shard file under its final name is complete (shard.py), so a rerun skips
+it. Rank 0 owns manifest.json: it is written before any shard (to pin the settings), after each of
+rank 0's shards, and once more, complete, after all ranks have finished.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .. import teacher as T
+from . import manifest as M
+from .codec import Codec
+from .data import Sequences, tokenize
+from .shard import entry_from_file, write_shard
+
+_log = logging.getLogger("kdkernels.cache")
+
+DEFAULT_TOKENS_PER_BATCH = 8192
+DEFAULT_SHARD_TOKENS = 1 << 18
+DEFAULT_VALUE_STEP = 1.0 / 64.0
+
+
+def _dist_context():
+    """(rank, world, dist module or None, whether we initialized the process group)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), dist, False
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if not dist.is_available():
+            raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not available")
+        dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size(), dist, True
+    return 0, 1, None, False
+
+
+def _load(model_or_path, gguf_file, dtype, device):
+    """(model, tokenizer, teacher path, gguf file name) from any accepted `model_or_path`."""
+    if isinstance(model_or_path, (str, os.PathLike)):
+        directory, gguf = T.resolve_source(model_or_path, gguf_file)
+        model, tok = T.load_teacher(directory, gguf_file=gguf, dtype=dtype, device=device)
+        return model, tok, str(directory), gguf
+    if isinstance(model_or_path, (tuple, list)):
+        model, tok = model_or_path
+    else:
+        model, tok = model_or_path, None
+    return model, tok, str(getattr(model.config, "_name_or_path", "") or ""), gguf_file
+
+
+def _shard_seed(seed: int, index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"kdkernels-cache:{seed}:{index}".encode()).digest()[:8],
+                          "little") >> 1
+
+
+def _batches(lengths: list[int], budget: int) -> list[range]:
+    """Consecutive runs of sequences whose padded size (count x longest) fits the token budget."""
+    out, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and (i - start + 1) * max(longest, n) > budget:
+            out.append(range(start, i))
+            start, longest = i, 0
+        longest = max(longest, n)
+    if start < len(lengths):
+        out.append(range(start, len(lengths)))
+    return out
+
+
+class _ShardBuilder:
+    def __init__(self, model, head: T.TeacherHead, codec: Codec, settings: dict, backend):
+        self.model, self.head, self.codec, self.s, self.backend = model, head, codec, settings, backend
+        self.device = head.weight.device
+
+    @torch.no_grad()
+    def run(self, index: int, seqs: list[np.ndarray], bar) -> tuple[list, int]:
+        s = self.s
+        gen = None
+        if s["mode"] == "sample":
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(_shard_seed(s["seed"], index))
+        encoded, max_id = [], -1
+        for batch in _batches([len(q) for q in seqs], s["tokens_per_batch"]):
+            part = [seqs[i] for i in batch]
+            lens = [len(q) for q in part]
+            ids = torch.zeros(len(part), max(lens), dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for b, q in enumerate(part):
+                ids[b, :len(q)] = torch.from_numpy(q.astype(np.int64))
+                mask[b, :len(q)] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            hidden = T.hidden_states(self.model, ids, mask)
+            rows = hidden[mask.bool()]                       # (N, H), sequence-major
+            nxt = torch.cat([torch.cat([ids[b, 1:n], ids.new_zeros(1)]) for b, n in enumerate(lens)])
+            last = torch.zeros(rows.shape[0], dtype=torch.bool, device=self.device)
+            last[torch.tensor(np.cumsum(lens) - 1, device=self.device)] = True
+            if s["mode"] == "topk":
+                res = self.head.topk(rows, s["k"], s["temperature"], backend=self.backend)
+                tid, tval = res.ids, res.logprobs
+                inside = torch.logsumexp(res.logprobs.double(), 1).clamp_max(0.0)
+                tail = torch.log(-torch.expm1(inside)).float().cpu().numpy()
+            else:
+                res = self.head.sample(rows, s["draws"], s["temperature"], generator=gen,
+                                       backend=self.backend)
+                tid, tval, tail = res.ids, res.weights, None
+            lp_next = self.head.logprob_of(rows, nxt, res.logsumexp, s["temperature"])
+            lp_next = torch.where(last, torch.nan, lp_next).cpu().numpy()
+            tid, tval = tid.cpu().numpy(), tval.cpu().numpy()
+            max_id = max(max_id, int(tid.max(initial=-1)))
+            t0 = 0
+            for q, n in zip(part, lens):
+                sl = slice(t0, t0 + n)
+                side, stream = self.codec.encode(tid[sl], tval[sl], lp_next[sl],
+                                                 None if tail is None else tail[sl])
+                entries = n * s["k"] if s["mode"] == "topk" else int(side["count"].astype(np.int64).sum())
+                encoded.append((q.astype(self.codec.id_dtype), side, stream, entries))
+                t0 += n
+            bar.update(sum(lens))
+        return encoded, max_id
+
+
+def build(model_or_path, texts_or_files, out_dir, *, mode: str = "topk", k: int = 64,
+          draws: int = 64, temperature: float = 1.0, seq_len: int = 512,
+          tokens_per_batch: int = DEFAULT_TOKENS_PER_BATCH, lossless: bool = False,
+          gguf_file: Optional[str] = None, pack: bool = True, text_field: str = "text",
+          seed: int = 0, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+          value_step: float = DEFAULT_VALUE_STEP, dtype="float32", device=None,
+          backend: Optional[str] = None, progress: bool = True) -> Path:
+    """Build (or finish building) a teacher cache in `out_dir`; returns its path.
+
+    model_or_path: a model directory or .gguf file (loaded offline with `dtype` on `device`), a
+    (model, tokenizer) pair, or a model alone (then the data must be token ids).
+    texts_or_files: see kdkernels.cache.data (str = text, Path = file/dataset, list of ints = ids).
+    Rerunning the same call finishes an interrupted build with identical bytes; a different call into
+    the same directory raises SettingsMismatch. Under torchrun the shards are split across ranks.
+    """
+    if mode not in ("topk", "sample"):
+        raise ValueError(f"mode must be 'topk' or 'sample', got {mode!r}")
+    for name, v in (("k", k), ("draws", draws), ("seq_len", seq_len),
+                    ("tokens_per_batch", tokens_per_batch), ("shard_tokens", shard_tokens)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if not (0 < value_step <= 1):
+        raise ValueError(f"value_step must be in (0, 1], got {value_step!r}")
+    out = Path(out_dir)
+    rank, world, dist, owned_group = _dist_context()
+    try:
+        if device is None:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        model, tok, path, gguf = _load(model_or_path, gguf_file, dtype, device)
+        head = T.teacher_head(model)
+        vocab = head.vocab_size
+        if mode == "topk" and k > vocab:
+            raise ValueError(f"k={k} exceeds the teacher's vocabulary size {vocab}")
+        seqs: Sequences = tokenize(texts_or_files, tok, seq_len, pack, text_field)
+        if len(seqs) == 0:
+            raise ValueError("the data holds no sequence of at least 2 tokens")
+        if int(seqs.tokens.max()) >= vocab:
+            raise ValueError(f"token id {int(seqs.tokens.max())} >= the teacher's vocabulary size {vocab}")
+        shard_sequences = max(1, shard_tokens // seq_len)
+        num_shards = -(-len(seqs) // shard_sequences)
+        codec = Codec(mode, vocab, k if mode == "topk" else draws, bool(lossless),
+                      float(value_step))
+        teacher = {"path": path, "gguf_file": gguf, "class": type(model).__name__,
+                   "config_sha256": T.config_hash(model), "tokenizer_sha256": T.tokenizer_hash(tok),
+                   "vocab_size": vocab, "dtype": str(head.weight.dtype).replace("torch.", ""),
+                   "logit_scale": head.scale, "final_logit_softcapping": head.softcap}
+        settings = {"mode": mode, "k": k if mode == "topk" else None,
+                    "draws": draws if mode == "sample" else None,
+                    "temperature": float(temperature), "seq_len": seq_len, "pack": bool(pack),
+                    "lossless": bool(lossless), "value_step": codec.encodings["value_step"],
+                    "seed": seed if mode == "sample" else None, "shard_sequences": shard_sequences,
+                    "tokens_per_batch": tokens_per_batch,
+                    "teacher": {key: teacher[key] for key in ("config_sha256", "tokenizer_sha256",
+                                                              "vocab_size", "dtype")},
+                    "data": {"sha256": seqs.digest, "documents": seqs.documents,
+                             "sequences": len(seqs), "tokens": seqs.num_tokens,
+                             "max_token": int(seqs.tokens.max())}}
+        from .. import __version__
+        existing = M.read(out)
+        if existing is not None:
+            diff = M.differences(existing["settings"], settings)
+            if diff:
+                raise M.SettingsMismatch(
+                    f"{out} already holds a cache built with different settings; refusing to mix "
+                    "them. Use a new directory (or delete this one). Differences:\n  " + "\n  ".join(diff))
+            teacher["path"], teacher["gguf_file"] = existing["teacher"]["path"], existing["teacher"]["gguf_file"]
+        if existing is not None and existing["complete"]:
+            _log.info("kdkernels cache: %s is already complete", out)
+            return out
+        done = {s["index"]: s for s in existing["shards"]} if existing else {}
+
+        def save(entries: dict) -> None:
+            M.write(out, M.compose(settings, teacher, codec.encodings, num_shards,
+                                   list(entries.values()), __version__))
+
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            if existing is None:
+                save(done)
+        if dist is not None:
+            dist.barrier()
+        mine = [j for j in range(num_shards) if j % world == rank]
+        todo = [j for j in mine if not (out / M.shard_name(j)).exists()]
+        for j in mine:
+            if j not in todo and j not in done:
+                done[j] = entry_from_file(out / M.shard_name(j))
+        def shard_seqs(j):
+            return [seqs[i] for i in range(j * shard_sequences, min(len(seqs), (j + 1) * shard_sequences))]
+        total = sum(sum(len(q) for q in shard_seqs(j)) for j in todo)
+        from tqdm.auto import tqdm
+        builder = _ShardBuilder(model, head, codec, settings, backend)
+        start = time.perf_counter()
+        desc = "cache build" + (f" rank {rank}/{world}" if world > 1 else "")
+        with tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=not progress,
+                  dynamic_ncols=True) as bar:
+            if rank == 0 and todo != mine:
+                save(done)
+            for j in todo:
+                encoded, max_id = builder.run(j, shard_seqs(j), bar)
+                done[j] = write_shard(out / M.shard_name(j), j, encoded, max_id)
+                if rank == 0:
+                    save(done)
+        elapsed = time.perf_counter() - start
+        if total:
+            _log.info("kdkernels cache: rank %d built %d tokens in %.1f s (%.0f tokens/s)",
+                      rank, total, elapsed, total / max(elapsed, 1e-9))
+        if dist is not None:
+            dist.barrier()
+        if rank == 0:
+            for j in range(num_shards):
+                if j not in done:
+                    done[j] = entry_from_file(out / M.shard_name(j))
+            save(done)
+            for leftover in out.glob("*.tmp"):
+                leftover.unlink()
+        if dist is not None:
+            dist.barrier()
+        return out
+    finally:
+        if owned_group and dist is not None:
+            dist.destroy_process_group()

@@ -1,0 +1,200 @@
+"""Per-position encodings of a teacher cache (docs/cache-format.md, "Encodings").
+
+A sequence of L positions becomes per-position side arrays (fixed width, indexable) and one
+byte-aligned bit stream. Per position p with n_p entries (n_p = k for top-k, the number of unique
+ids for sampled caches), the stream holds, in order:
+
+    Elias-Fano ids (bits.py), ids ascending            n_p * l + U bits
+    value fields, one per id in the same order         n_p * w_p bits
+
+Value fields:
+    topk, compact ("q"):   c_i = clip(rint(-lp_i / step), 0, 65535); vbase_p = min_i c_i (uint16 side
+                           array); field = c_i - vbase_p with w_p = bit_length(max field). Decoded
+                           lp_i = -(vbase_p + field) * step, so |error| <= step / 2 (+ float32 rounding)
+                           for lp_i >= -65535 * step; lower log-probs decode to -65535 * step.
+    topk, lossless ("f32"): no value fields (w_p = 0); values are a float32 (T, k) side array in
+                           the same (id-ascending) order, bit-exact.
+    sample ("count"):      field = count_i - 1 (counts are exact integers, so every sampled cache is
+                           lossless); weight_i = count_i / draws.
+Scalars per position: logprob of the next token and log tail mass, as float32 (lossless) or as a
+uint16 code c with value -c / 1024 (|error| <= 2^-11 nats for values >= -63.99; lower values clamp;
+code 65535 = NaN).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from . import bits
+
+SCALAR_STEP = 1.0 / 1024.0
+SCALAR_NAN = 65535
+VALUE_CODE_MAX = 65535
+
+
+def bit_length(x: np.ndarray) -> np.ndarray:
+    """Number of bits of nonnegative integers (0 -> 0), exact."""
+    x = np.asarray(x, dtype=np.int64)
+    return np.where(x > 0, np.frexp(x.astype(np.float64))[1], 0).astype(np.int64)
+
+
+def quantize_scalar(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    code = np.clip(np.rint(-np.minimum(x, 0.0) / SCALAR_STEP), 0, SCALAR_NAN - 1)
+    code = np.where(np.isnan(x), SCALAR_NAN, code)
+    return code.astype("<u2")
+
+
+def dequantize_scalar(code: np.ndarray) -> np.ndarray:
+    code = np.asarray(code)
+    out = (-code.astype(np.float64) * SCALAR_STEP).astype(np.float32)
+    return np.where(code == SCALAR_NAN, np.float32(np.nan), out)
+
+
+@dataclass(frozen=True)
+class Codec:
+    mode: str                 # "topk" | "sample"
+    vocab_size: int
+    width: int                # k (topk) or draws (sample): the most entries per position
+    lossless: bool
+    step: float               # log-prob quantization step (topk compact)
+
+    @property
+    def id_dtype(self) -> str:
+        return "<u2" if self.vocab_size <= 65536 else "<u4"
+
+    @property
+    def count_dtype(self) -> str:
+        return "u1" if self.width <= 256 else "<u2"
+
+    @property
+    def scalar_dtype(self) -> str:
+        return "<f4" if self.lossless else "<u2"
+
+    @property
+    def encodings(self) -> dict:
+        values = "count" if self.mode == "sample" else ("f32" if self.lossless else "q")
+        return {"ids": "elias_fano", "values": values,
+                "value_step": self.step if values == "q" else None,
+                "scalars": "f32" if self.lossless else "u16_step_1/1024",
+                "tokens": self.id_dtype}
+
+    # ------------------------------------------------------------------ encode
+
+    def encode(self, ids: np.ndarray, values: np.ndarray, lp_next: np.ndarray,
+               tail: Optional[np.ndarray]) -> tuple[dict, np.ndarray]:
+        """One sequence of L positions -> (side arrays, stream bytes).
+
+        topk: ids (L, k) distinct per row, values (L, k) log-probs, any order.
+        sample: ids (L, m) ascending with -1 padding at the end, values (L, m) weights count/draws.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        values = np.asarray(values, dtype=np.float32)
+        L, m = ids.shape
+        side: dict = {"lp_next": self._scalar(lp_next)}
+        if self.mode == "topk":
+            order = np.argsort(ids, axis=1, kind="stable")
+            ids = np.take_along_axis(ids, order, 1)
+            values = np.take_along_axis(values, order, 1)
+            n = np.full(L, m, dtype=np.int64)
+            side["tail"] = self._scalar(tail)
+            if self.lossless:
+                fields = np.zeros((L, m), dtype=np.int64)
+                w = np.zeros(L, dtype=np.int64)
+                side["values"] = values.astype("<f4")
+            else:
+                codes = np.clip(np.rint(-np.minimum(values.astype(np.float64), 0.0) / self.step),
+                                0, VALUE_CODE_MAX).astype(np.int64)
+                base = codes.min(axis=1)
+                fields = codes - base[:, None]
+                w = bit_length(fields.max(axis=1))
+                side["vbase"] = base.astype("<u2")
+                side["vwidth"] = w.astype("u1")
+        else:
+            n = (ids >= 0).sum(axis=1).astype(np.int64)
+            counts = np.rint(values.astype(np.float64) * self.width).astype(np.int64)
+            fields = np.where(ids >= 0, counts - 1, 0)
+            w = bit_length(fields.max(axis=1)) if m else np.zeros(L, dtype=np.int64)
+            side["count"] = n.astype(self.count_dtype)
+            side["vwidth"] = w.astype("u1")
+        return side, self._stream(ids, fields, n, w)
+
+    def _scalar(self, x) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        return x.astype("<f4") if self.lossless else quantize_scalar(x)
+
+    def _stream(self, ids, fields, n, w) -> np.ndarray:
+        L, m = ids.shape
+        low = bits.ef_low_bits(n, self.vocab_size)
+        high = bits.ef_high_bits(n, low, self.vocab_size)
+        length = n * low + high + n * w
+        off = np.concatenate([[0], np.cumsum(length)[:-1]]) if L else np.zeros(0, np.int64)
+        total = int(length.sum())
+        valid = np.arange(m)[None, :] < n[:, None]
+        rows, j = np.nonzero(valid)
+        x = ids[rows, j]
+        pos_low = off[rows] + j * low[rows]
+        pos_val = off[rows] + n[rows] * low[rows] + high[rows] + j * w[rows]
+        buf = bits.pack(total, np.concatenate([pos_low, pos_val]),
+                        np.concatenate([x & ((1 << low[rows]) - 1), fields[rows, j]]),
+                        np.concatenate([low[rows], w[rows]]))
+        bits.set_bits(buf, off[rows] + n[rows] * low[rows] + (x >> low[rows]) + j)
+        return buf
+
+    # ------------------------------------------------------------------ decode
+
+    def decode(self, stream: np.ndarray, side: dict, L: int) -> tuple[np.ndarray, np.ndarray]:
+        """Inverse of encode for one sequence -> ids (L, m) int64, values (L, m) float32.
+        topk: m = k, sorted by value descending, ties by smaller id. sample: m = the most entries of
+        any position, ids ascending, padded with -1 / 0. Raises ValueError on an inconsistent stream."""
+        if self.mode == "topk":
+            n = np.full(L, self.width, dtype=np.int64)
+            w = (np.zeros(L, dtype=np.int64) if self.lossless
+                 else np.asarray(side["vwidth"], dtype=np.int64))
+        else:
+            n = np.asarray(side["count"], dtype=np.int64)
+            w = np.asarray(side["vwidth"], dtype=np.int64)
+        low = bits.ef_low_bits(n, self.vocab_size)
+        high = bits.ef_high_bits(n, low, self.vocab_size)
+        length = n * low + high + n * w
+        off = np.concatenate([[0], np.cumsum(length)[:-1]]) if L else np.zeros(0, np.int64)
+        total = int(length.sum())
+        if (total + 7) // 8 + 8 > stream.size:
+            raise ValueError("stream shorter than its side arrays imply")
+        m = int(n.max()) if L else 0
+        valid = np.arange(m)[None, :] < n[:, None]
+        rows, j = np.nonzero(valid)
+        lo = bits.read(stream, off[rows] + j * low[rows], low[rows])
+        ones = bits.region_ones(stream[: (total + 7) // 8], off + n * low, high)
+        if ones.size != rows.size:
+            raise ValueError(f"Elias-Fano stream holds {ones.size} ids, side arrays say {rows.size}")
+        hi = ones - (off + n * low)[rows] - j
+        x = (hi << low[rows]) | lo
+        f = bits.read(stream, off[rows] + n[rows] * low[rows] + high[rows] + j * w[rows], w[rows])
+        if x.size and (x.min() < 0 or x.max() >= self.vocab_size):
+            raise ValueError("decoded id outside the vocabulary")
+        ids = np.full((L, m), -1, dtype=np.int64)
+        ids[rows, j] = x
+        if x.size > 1:
+            same_row = rows[1:] == rows[:-1]
+            if (np.diff(x)[same_row] <= 0).any():
+                raise ValueError("decoded ids are not strictly increasing within a position")
+        vals = np.zeros((L, m), dtype=np.float32)
+        if self.mode == "sample":
+            vals[rows, j] = ((f + 1).astype(np.float32) / np.float32(self.width))
+            return ids, vals
+        if self.lossless:
+            vals = np.array(side["values"], dtype=np.float32).reshape(L, m)
+        else:
+            base = np.asarray(side["vbase"], dtype=np.int64)
+            codes = np.zeros((L, m), dtype=np.int64)
+            codes[rows, j] = f + base[rows]
+            vals = (-(codes.astype(np.float64)) * self.step).astype(np.float32)
+        order = np.argsort(-vals, axis=1, kind="stable")   # ids ascending, so ties keep smaller id
+        return np.take_along_axis(ids, order, 1), np.take_along_axis(vals, order, 1)
+
+    def scalars(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        return np.array(x, dtype=np.float32) if self.lossless else dequantize_scalar(x)
