@@ -1,0 +1,140 @@
+"""Streaming kernels over the vocabulary for a dense teacher (kd_loss and fused_linear_kd_loss),
+also used for the student LSE of the sparse path, linear_topk and linear_sample.
+
+Per row (docs/semantics.md), b = z_s / T, a = z_t / T, q = softmax(b), p = softmax(a):
+
+  _lse_kernel          partial LSE(z/T), LSE(z) and z[label] over one vocabulary split.
+                       Reads one model's rows: N*H + V*H elements (LM head) or N*V (logits);
+                       writes 3 floats per (row, split).
+  _dense_terms_kernel  partial sum_j f(p_j, q_j) and S = sum_j qh_j given the LSEs.
+                       Reads both models' rows; writes 2 floats per (row, split).
+  _dense_grad_kernel   g_j = grad_row * [kd_scale/T (qh_j - q_j S) + ce_w (softmax(z_s)_j - [j = y])]
+                       * dz/dx_j for the columns [c_start, c_end); writes a (rows, c_end - c_start)
+                       block of g in the output's dtype (the logits gradient itself for kd_loss, a
+                       bounded vocabulary chunk for the LM-head losses).
+
+Splits of the vocabulary run as separate programs (grid axis 1) and are combined on the host by a
+logsumexp / sum over the O(N * splits) partials, so results do not depend on scheduling.
+Rows with grad_row == 0 get exactly 0 (NaN inputs included).
+"""
+import triton
+import triton.language as tl
+
+from .tl_utils import NEG_INF, element_terms, head_tile, lse_finish, lse_update
+
+
+@triton.jit
+def _lse_kernel(x_ptr, stride_xn, stride_xv, w_ptr, stride_wv, b_ptr, H, cap, labels_ptr,
+                lse_t_ptr, lse_1_ptr, pick_ptr, N, V, inv_T, cols_per_split, n_splits,
+                LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+                IEEE: tl.constexpr, TWO: tl.constexpr, HAS_LABEL: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    v0 = pid_s * cols_per_split
+    v1 = tl.minimum(v0 + cols_per_split, V)
+    m_t = tl.full((BLOCK_N,), NEG_INF, tl.float32)
+    s_t = tl.zeros((BLOCK_N,), tl.float32)
+    m_1 = tl.full((BLOCK_N,), NEG_INF, tl.float32)
+    s_1 = tl.zeros((BLOCK_N,), tl.float32)
+    pick = tl.zeros((BLOCK_N,), tl.float32)
+    lab = tl.full((BLOCK_N,), -1, tl.int64)
+    if HAS_LABEL:
+        lab = tl.load(labels_ptr + rows, mask=rmask, other=-1)
+    for c0 in range(v0, v1, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)
+        valid = (cols < v1)[None, :]
+        z = head_tile(x_ptr, stride_xn, stride_xv, w_ptr, stride_wv, b_ptr, H, cap, rows, cols, N, V,
+                      LINEAR, HAS_BIAS, HAS_CAP, IEEE, BLOCK_N, BLOCK_V, BLOCK_H)
+        m_t, s_t = lse_update(m_t, s_t, tl.where(valid, z * inv_T, NEG_INF))
+        if TWO:
+            m_1, s_1 = lse_update(m_1, s_1, tl.where(valid, z, NEG_INF))
+        if HAS_LABEL:
+            hit = valid & (cols[None, :] == lab[:, None])
+            pick += tl.sum(tl.where(hit, z, 0.0), 1)
+    out = rows * n_splits + pid_s
+    tl.store(lse_t_ptr + out, lse_finish(m_t, s_t), mask=rmask)
+    if TWO:
+        tl.store(lse_1_ptr + out, lse_finish(m_1, s_1), mask=rmask)
+    if HAS_LABEL:
+        tl.store(pick_ptr + out, pick, mask=rmask)
+
+
+@triton.jit
+def _dense_terms_kernel(xs_ptr, s_sxn, s_sxv, ws_ptr, s_swv, bs_ptr, Hs, s_cap,
+                        xt_ptr, t_sxn, t_sxv, wt_ptr, t_swv, bt_ptr, Ht, t_cap,
+                        lse_b_ptr, lse_a_ptr, f_ptr, qh_ptr, N, V, inv_T, LOG_W, LOG_1MW,
+                        cols_per_split, n_splits, DIV: tl.constexpr, LINEAR: tl.constexpr,
+                        S_BIAS: tl.constexpr, S_CAP: tl.constexpr, T_BIAS: tl.constexpr,
+                        T_CAP: tl.constexpr, IEEE: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    v0 = pid_s * cols_per_split
+    v1 = tl.minimum(v0 + cols_per_split, V)
+    lse_b = tl.load(lse_b_ptr + rows, mask=rmask, other=0.0)
+    lse_a = tl.load(lse_a_ptr + rows, mask=rmask, other=0.0)
+    sf = tl.zeros((BLOCK_N,), tl.float32)
+    sqh = tl.zeros((BLOCK_N,), tl.float32)
+    for c0 in range(v0, v1, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)
+        valid = rmask[:, None] & (cols < v1)[None, :]
+        zs = head_tile(xs_ptr, s_sxn, s_sxv, ws_ptr, s_swv, bs_ptr, Hs, s_cap, rows, cols, N, V,
+                       LINEAR, S_BIAS, S_CAP, IEEE, BLOCK_N, BLOCK_V, BLOCK_H)
+        zt = head_tile(xt_ptr, t_sxn, t_sxv, wt_ptr, t_swv, bt_ptr, Ht, t_cap, rows, cols, N, V,
+                       LINEAR, T_BIAS, T_CAP, IEEE, BLOCK_N, BLOCK_V, BLOCK_H)
+        lq = zs * inv_T - lse_b[:, None]
+        lp = zt * inv_T - lse_a[:, None]
+        f, qh = element_terms(lp, lq, DIV, LOG_W, LOG_1MW)
+        sf += tl.sum(tl.where(valid, f, 0.0), 1)
+        sqh += tl.sum(tl.where(valid, qh, 0.0), 1)
+    out = rows * n_splits + pid_s
+    tl.store(f_ptr + out, sf, mask=rmask)
+    tl.store(qh_ptr + out, sqh, mask=rmask)
+
+
+@triton.jit
+def _dense_grad_kernel(xs_ptr, s_sxn, s_sxv, ws_ptr, s_swv, bs_ptr, Hs, s_cap,
+                       xt_ptr, t_sxn, t_sxv, wt_ptr, t_swv, bt_ptr, Ht, t_cap,
+                       labels_ptr, stats_ptr, grad_rows_ptr, out_ptr, stride_on, stride_ov,
+                       N, V, c_start, c_end, inv_T, kd_coef, ce_w, LOG_W, LOG_1MW,
+                       DIV: tl.constexpr, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr,
+                       LINEAR: tl.constexpr, S_BIAS: tl.constexpr, S_CAP: tl.constexpr,
+                       T_BIAS: tl.constexpr, T_CAP: tl.constexpr, IEEE: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """stats rows: [LSE(b), LSE(z_s), LSE(a), S]; kd_coef = kd_scale / T."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    cols = c_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    cmask = cols < c_end
+    zs = head_tile(xs_ptr, s_sxn, s_sxv, ws_ptr, s_swv, bs_ptr, Hs, s_cap, rows, cols, N, V,
+                   LINEAR, S_BIAS, S_CAP, IEEE, BLOCK_N, BLOCK_V, BLOCK_H)
+    g = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    if HAS_KD:
+        zt = head_tile(xt_ptr, t_sxn, t_sxv, wt_ptr, t_swv, bt_ptr, Ht, t_cap, rows, cols, N, V,
+                       LINEAR, T_BIAS, T_CAP, IEEE, BLOCK_N, BLOCK_V, BLOCK_H)
+        lse_b = tl.load(stats_ptr + rows * 4 + 0, mask=rmask, other=0.0)
+        lse_a = tl.load(stats_ptr + rows * 4 + 2, mask=rmask, other=0.0)
+        S = tl.load(stats_ptr + rows * 4 + 3, mask=rmask, other=0.0)
+        lq = zs * inv_T - lse_b[:, None]
+        lp = zt * inv_T - lse_a[:, None]
+        _, qh = element_terms(lp, lq, DIV, LOG_W, LOG_1MW)
+        g = (qh - tl.exp(lq) * S[:, None]) * kd_coef
+    if HAS_CE:
+        lab = tl.load(labels_ptr + rows, mask=rmask, other=-1)
+        lse1 = tl.load(stats_ptr + rows * 4 + 1, mask=rmask, other=0.0)
+        g += tl.where((lab >= 0)[:, None], ce_w * tl.exp(zs - lse1[:, None]), 0.0)
+        g -= tl.where(cols[None, :] == lab[:, None], ce_w, 0.0)
+    if S_CAP:
+        r = zs / s_cap
+        g = g * (1.0 - r * r)
+    gr = tl.load(grad_rows_ptr + rows, mask=rmask, other=0.0)
+    g = tl.where((gr != 0)[:, None], g * gr[:, None], 0.0)
+    ptrs = out_ptr + rows[:, None] * stride_on + (cols - c_start)[None, :] * stride_ov
+    tl.store(ptrs, g.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])

@@ -1,0 +1,290 @@
+"""Host side of the triton backend's losses: the contract functions of docs/backends.md for
+kd_loss, fused_linear_kd_loss and fused_linear_sparse_kd_loss.
+
+Forward: streaming kernels only; extra memory O(N * (splits + k)) floats (the LSE/sum partials
+of the vocabulary splits and the k gathered logits).
+Backward: for each chunk of the vocabulary one kernel recomputes the logit tiles (tl.dot) and
+writes the logit gradient g of that chunk, (N, chunk) with chunk * N * bytes <= opts.chunk_bytes;
+then dh += g W_chunk and dW_chunk = g^T h run as GEMMs (fp32 accumulation inside the GEMM, dh
+accumulated in fp32 across chunks), db_chunk = sum_rows g in fp32. Every step is deterministic
+(no atomics). kd_loss writes its logits gradient directly (it is the output).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+
+from ...options import LOG_TAIL_FLOOR, KDOptions, DIVERGENCES, TAILS
+from .config import Tiles, chunk_columns, linear_tiles, logits_tiles, vocab_splits
+from .dense_kernels import _dense_grad_kernel, _dense_terms_kernel, _lse_kernel
+from .sparse_kernels import _gather_kernel, _sparse_grad_kernel, _sparse_rows_kernel
+
+
+class Head(NamedTuple):
+    """One model's logits source as kernel arguments: an LM head (x = hidden (N, H), w (V, H),
+    b) or a logits tensor (x = logits (N, V); w, b are placeholders)."""
+    x: torch.Tensor
+    sxn: int
+    sxv: int
+    w: torch.Tensor
+    swv: int
+    b: torch.Tensor
+    H: int
+    cap: float
+    linear: bool
+    has_bias: bool
+    has_cap: bool
+
+    def args(self):
+        return (self.x, self.sxn, self.sxv, self.w, self.swv, self.b, self.H, self.cap)
+
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """The kernels index the last dimension with stride 1; copy (never modify) otherwise."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def linear_head(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], cap: Optional[float]) -> Head:
+    h, w = _row_major(h), _row_major(w)
+    b = b.contiguous() if b is not None else None
+    return Head(h, h.stride(0), 1, w, w.stride(0), b if b is not None else w, h.shape[1],
+                float(cap or 1.0), True, b is not None, cap is not None)
+
+
+def logits_head(z: torch.Tensor) -> Head:
+    return Head(z, z.stride(0), z.stride(1), z, 0, z, 1, 1.0, False, False, False)
+
+
+def _tiles(head: Head) -> Tiles:
+    return linear_tiles(head.x.device) if head.linear else logits_tiles(head.x.device)
+
+
+def _ieee(head: Head) -> bool:
+    """fp32 inputs get full-precision tl.dot (not TF32), as torch's fp32 matmul does by default."""
+    return head.linear and head.x.dtype == torch.float32
+
+
+def _mix_logs(opts: KDOptions) -> tuple[float, float]:
+    w = opts.beta if opts.divergence == "jsd" else opts.alpha
+    return math.log(w), math.log1p(-w)
+
+
+def _div_code(opts: KDOptions) -> int:
+    return DIVERGENCES.index(opts.divergence)
+
+
+# ------------------------------------------------------------------------------------------------
+# streaming LSE of one head
+
+
+def head_lse(head: Head, n: int, v: int, T: float, labels: Optional[torch.Tensor], two: bool):
+    """(LSE(z/T), LSE(z) if two else None, z[label] if labels is given else None), fp32 (N,)."""
+    dev = head.x.device
+    tiles = _tiles(head)
+    per, splits = vocab_splits(dev, n, v, tiles)
+    part = torch.empty(3, n, splits, dtype=torch.float32, device=dev)
+    lab = labels if labels is not None else part
+    grid = (triton.cdiv(n, tiles.block_n), splits)
+    _lse_kernel[grid](*head.args(), lab, part[0], part[1], part[2], n, v, 1.0 / T, per, splits,
+                      LINEAR=head.linear, HAS_BIAS=head.has_bias, HAS_CAP=head.has_cap,
+                      IEEE=_ieee(head), TWO=two, HAS_LABEL=labels is not None, **tiles.launch())
+    lse_t = torch.logsumexp(part[0], 1)
+    lse_1 = torch.logsumexp(part[1], 1) if two else None
+    pick = part[2].sum(1) if labels is not None else None
+    return lse_t, lse_1, pick
+
+
+def _student_lses(head: Head, n: int, v: int, labels: torch.Tensor, opts: KDOptions):
+    """LSE(b), LSE(z_s) (0 without CE, as in the torch backend) and the CE term per row."""
+    has_ce = opts.ce_weight != 0
+    T = opts.temperature
+    lse_b, lse_1, pick = head_lse(head, n, v, T, labels if has_ce else None, two=has_ce and T != 1.0)
+    if not has_ce:
+        return lse_b, torch.zeros_like(lse_b), None
+    if lse_1 is None:
+        lse_1 = lse_b
+    ce = torch.where(labels >= 0, lse_1 - pick, 0.0)
+    return lse_b, lse_1, ce
+
+
+# ------------------------------------------------------------------------------------------------
+# dense teacher
+
+
+def _dense_forward(s: Head, t: Head, n: int, v: int, labels: torch.Tensor, opts: KDOptions):
+    T = opts.temperature
+    lse_b, lse_1, ce = _student_lses(s, n, v, labels, opts)
+    lse_a, _, _ = head_lse(t, n, v, T, None, two=False)
+    loss = torch.zeros_like(lse_b)
+    S = torch.zeros_like(lse_b)
+    if opts.kd_weight:
+        dev = s.x.device
+        tiles = _tiles(s)
+        per, splits = vocab_splits(dev, n, v, tiles)
+        part = torch.empty(2, n, splits, dtype=torch.float32, device=dev)
+        lw, l1mw = _mix_logs(opts)
+        grid = (triton.cdiv(n, tiles.block_n), splits)
+        _dense_terms_kernel[grid](*s.args(), *t.args(), lse_b, lse_a, part[0], part[1], n, v, 1.0 / T,
+                                  lw, l1mw, per, splits, DIV=_div_code(opts), LINEAR=s.linear,
+                                  S_BIAS=s.has_bias, S_CAP=s.has_cap, T_BIAS=t.has_bias,
+                                  T_CAP=t.has_cap, IEEE=_ieee(s), **tiles.launch())
+        loss = opts.kd_scale * part[0].sum(1)
+        S = part[1].sum(1)
+    if ce is not None:
+        loss = loss + opts.ce_weight * ce
+    return loss, torch.stack([lse_b, lse_1, lse_a, S], 1)
+
+
+def _dense_grad_launch(s: Head, t: Head, n: int, v: int, labels, stats, grad_rows, opts: KDOptions,
+                       out: torch.Tensor, c_start: int, c_end: int) -> None:
+    tiles = _tiles(s)
+    lw, l1mw = _mix_logs(opts)
+    grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(c_end - c_start, tiles.block_v))
+    _dense_grad_kernel[grid](*s.args(), *t.args(), labels, stats, grad_rows, out, out.stride(0),
+                             out.stride(1), n, v, c_start, c_end, 1.0 / opts.temperature,
+                             opts.kd_scale / opts.temperature, float(opts.ce_weight), lw, l1mw,
+                             DIV=_div_code(opts), HAS_KD=bool(opts.kd_weight),
+                             HAS_CE=opts.ce_weight != 0, LINEAR=s.linear, S_BIAS=s.has_bias,
+                             S_CAP=s.has_cap, T_BIAS=t.has_bias, T_CAP=t.has_cap, IEEE=_ieee(s),
+                             **tiles.launch())
+
+
+def kd_forward(zs, zt, labels, opts: KDOptions):
+    n, v = zs.shape
+    return _dense_forward(logits_head(zs), logits_head(zt), n, v, labels, opts)
+
+
+def kd_backward(zs, zt, labels, stats, grad_rows, opts: KDOptions):
+    n, v = zs.shape
+    grad = torch.empty((n, v), dtype=zs.dtype, device=zs.device)
+    _dense_grad_launch(logits_head(zs), logits_head(zt), n, v, labels, stats.contiguous(),
+                       grad_rows.contiguous(), opts, grad, 0, v)
+    return grad
+
+
+def linear_kd_forward(hs, ws, bs, ht, wt, bt, labels, opts: KDOptions):
+    s = linear_head(hs, ws, bs, opts.student_softcap)
+    t = linear_head(ht, wt, bt, opts.teacher_softcap)
+    return _dense_forward(s, t, hs.shape[0], ws.shape[0], labels, opts)
+
+
+def head_backward(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], need, opts: KDOptions,
+                  write_chunk) -> tuple:
+    """Drive the chunked backward: write_chunk(g, c_start, c_end) fills g (N, c_end - c_start) with
+    d(total)/d(pre-softcap logits); this turns it into (dh, dW, db) in the inputs' dtypes."""
+    need_dh, need_dw, need_db = need
+    n, v = h.shape[0], w.shape[0]
+    if not (need_dh or need_dw or need_db):
+        return None, None, None
+    # fp32 g when db is needed (summed in fp32) or the inputs are fp32; else g in the GEMM dtype.
+    g_dtype = torch.float32 if (need_db or h.dtype == torch.float32) else h.dtype
+    g_bytes = torch.finfo(g_dtype).bits // 8 + (h.element_size() if g_dtype != h.dtype else 0)
+    cols = chunk_columns(n, v, g_bytes, opts.chunk_bytes, linear_tiles(h.device))
+    gbuf = torch.empty((n, cols), dtype=g_dtype, device=h.device)
+    dh32 = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_dh else None
+    dw = torch.empty(w.shape, dtype=w.dtype, device=w.device) if need_dw else None
+    db = torch.empty(v, dtype=b.dtype, device=w.device) if need_db else None
+    for c0 in range(0, v, cols):
+        c1 = min(v, c0 + cols)
+        g = gbuf[:, : c1 - c0]
+        write_chunk(g, c0, c1)
+        gd = g if g.dtype == h.dtype else g.to(h.dtype)
+        if need_dh:
+            if h.dtype == torch.float32:
+                dh32.addmm_(gd, w[c0:c1])
+            else:
+                dh32 += (gd @ w[c0:c1]).float()
+        if need_dw:
+            torch.mm(gd.T, h, out=dw[c0:c1]) if dw[c0:c1].is_contiguous() else dw[c0:c1].copy_(gd.T @ h)
+        if need_db:
+            db[c0:c1] = g.sum(0).to(db.dtype)
+    dh = dh32.to(h.dtype) if need_dh else None
+    return dh, dw, db
+
+
+def linear_kd_backward(hs, ws, bs, ht, wt, bt, labels, stats, grad_rows, opts: KDOptions, need):
+    s = linear_head(hs, ws, bs, opts.student_softcap)
+    t = linear_head(ht, wt, bt, opts.teacher_softcap)
+    n, v = hs.shape[0], ws.shape[0]
+    stats, grad_rows = stats.contiguous(), grad_rows.contiguous()
+
+    def write_chunk(g, c0, c1):
+        _dense_grad_launch(s, t, n, v, labels, stats, grad_rows, opts, g, c0, c1)
+
+    return head_backward(s.x, s.w, bs, need, opts, write_chunk)
+
+
+# ------------------------------------------------------------------------------------------------
+# sparse (cached) teacher
+
+
+def _gather(s: Head, ids: torch.Tensor) -> torch.Tensor:
+    n, k = ids.shape
+    out = torch.empty((n, k), dtype=torch.float32, device=ids.device)
+    kp = triton.next_power_of_2(k)
+    block_h = max(16, min(128, 8192 // kp)) if s.x.device.type == "cuda" else 64
+    _gather_kernel[(n,)](s.x, s.sxn, s.w, s.swv, s.b, ids, ids.stride(0), out, n, k, s.H, s.cap,
+                         HAS_BIAS=s.has_bias, HAS_CAP=s.has_cap, KP=kp, BLOCK_H=block_h)
+    return out
+
+
+def _sparse_rows(zk, ids, vals, lse_b, v, opts: KDOptions, coef: bool):
+    n, k = ids.shape
+    dev = ids.device
+    kp = triton.next_power_of_2(k)
+    block_n = max(1, min(64, 4096 // kp))
+    lw, l1mw = _mix_logs(opts)
+    out = torch.empty((n, 4), dtype=torch.float32, device=dev) if not coef else zk
+    c = torch.empty((n, k), dtype=torch.float32, device=dev) if coef else zk
+    dense = torch.empty(n, dtype=torch.float32, device=dev) if coef else zk
+    _sparse_rows_kernel[(triton.cdiv(n, block_n),)](
+        zk, ids, ids.stride(0), vals, vals.stride(0), lse_b, out, c, dense, n, k, v,
+        1.0 / opts.temperature, opts.kd_scale / opts.temperature, lw, l1mw, LOG_TAIL_FLOOR,
+        DIV=_div_code(opts), TAIL=TAILS.index(opts.tail), WEIGHTS=opts.values == "weights",
+        COEF=coef, BLOCK_N=block_n, KP=kp)
+    return (c, dense) if coef else out
+
+
+def linear_sparse_kd_forward(hs, ws, bs, ids, vals, labels, opts: KDOptions):
+    s = linear_head(hs, ws, bs, opts.student_softcap)
+    n, v = hs.shape[0], ws.shape[0]
+    ids, vals = _row_major(ids), _row_major(vals)
+    lse_b, lse_1, ce = _student_lses(s, n, v, labels, opts)
+    loss = torch.zeros_like(lse_b)
+    stats = torch.zeros((n, 4), dtype=torch.float32, device=hs.device)
+    if opts.kd_weight:
+        rows = _sparse_rows(_gather(s, ids), ids, vals, lse_b, v, opts, coef=False)
+        loss = opts.kd_scale * rows[:, 1]
+        stats[:, 0], stats[:, 2], stats[:, 3] = rows[:, 0], rows[:, 3], rows[:, 2]
+    stats[:, 1] = lse_1
+    if ce is not None:
+        loss = loss + opts.ce_weight * ce
+    return loss, stats
+
+
+def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, opts: KDOptions, need):
+    s = linear_head(hs, ws, bs, opts.student_softcap)
+    n, v = hs.shape[0], ws.shape[0]
+    ids, vals = _row_major(ids), _row_major(vals)
+    stats, grad_rows = stats.contiguous(), grad_rows.contiguous()
+    k = ids.shape[1]
+    has_kd = bool(opts.kd_weight)
+    if has_kd:
+        coef, dense = _sparse_rows(_gather(s, ids), ids, vals, stats[:, 0].contiguous(), v, opts, coef=True)
+    else:
+        coef = dense = stats
+    tiles = linear_tiles(hs.device)
+
+    def write_chunk(g, c0, c1):
+        grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(c1 - c0, tiles.block_v))
+        _sparse_grad_kernel[grid](s.x, s.sxn, s.w, s.swv, s.b, s.H, s.cap, ids, ids.stride(0), coef,
+                                  dense, labels, stats, grad_rows, g, g.stride(0), n, v, k, c0, c1,
+                                  1.0 / opts.temperature, float(opts.ce_weight), HAS_KD=has_kd,
+                                  HAS_DENSE=opts.tail != "renorm_both", HAS_CE=opts.ce_weight != 0,
+                                  HAS_BIAS=s.has_bias, HAS_CAP=s.has_cap, IEEE=_ieee(s),
+                                  **tiles.launch())
+
+    return head_backward(s.x, s.w, bs, need, opts, write_chunk)

@@ -1,0 +1,150 @@
+"""Kernels of the cached sparse teacher (fused_linear_sparse_kd_loss), docs/semantics.md "Sparse".
+
+Per row, K = valid ids (id >= 0) of k slots, b = z / T, z = softcap(h W^T + bias):
+
+  _gather_kernel       zK_i = z[id_i] as k dot products h . W[id_i] (+ bias, softcap), fp32.
+                       Reads H + k*H elements per row, writes k floats.
+  _sparse_rows_kernel  the k + 1 outcomes (bucket / renorm_teacher: K plus the tail P, Q with
+                       Q = 1 - sum_K q from the full-vocabulary LSE(b); renorm_both: K only):
+                         D = sum_K f + f(P, Q),  S = sum_K qh + qh(P, Q),  h_Q = qh(P, Q) / Q
+                       forward writes [D, S, h_Q, LSE]; with COEF it writes the backward's slot
+                       coefficients c_i = kd_scale/T (qh_i - q_i h_Q)   (renorm_both: qh_i - q_i S)
+                       and the dense coefficient kd_scale/T (h_Q - S) (0 for renorm_both).
+                       O(k) per row.
+  _sparse_grad_kernel  g_j = grad_row * dz/dx_j * [dense_coef q_j + sum_i c_i [j = id_i]
+                       + ce_w (softmax(z)_j - [j = y])] for columns [c_start, c_end), recomputing
+                       the logit tile with tl.dot; the k corrections are folded into the tile by a
+                       loop over the slots (no scatter, no atomics). Writes one (rows, cols) block.
+"""
+import triton
+import triton.language as tl
+
+from .tl_utils import NEG_INF, element_terms, linear_tile, log1mexp, masked_lse
+
+
+@triton.jit
+def _gather_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, ids_ptr, stride_in, out_ptr, N, K, H,
+                   cap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+                   KP: tl.constexpr, BLOCK_H: tl.constexpr):
+    row = tl.program_id(0)
+    slots = tl.arange(0, KP)
+    smask = slots < K
+    ids = tl.load(ids_ptr + row * stride_in + slots, mask=smask, other=-1)
+    valid = ids >= 0
+    safe = tl.where(valid, ids, 0)
+    acc = tl.zeros((KP,), tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        kh = h0 + tl.arange(0, BLOCK_H)
+        kmask = kh < H
+        hv = tl.load(h_ptr + row * stride_hn + kh, mask=kmask, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + safe[:, None] * stride_wv + kh[None, :],
+                     mask=valid[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(wv * hv[None, :], 1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + safe, mask=valid, other=0.0).to(tl.float32)
+    if HAS_CAP:
+        acc = cap * (1.0 - 2.0 / (tl.exp(2.0 * acc / cap) + 1.0))
+    tl.store(out_ptr + row * K + slots, acc, mask=smask)
+
+
+@triton.jit
+def _sparse_rows_kernel(zk_ptr, ids_ptr, stride_in, vals_ptr, stride_vn, lse_ptr, out_ptr, coef_ptr,
+                        dense_ptr, N, K, V, inv_T, kd_coef, LOG_W, LOG_1MW, log_floor,
+                        DIV: tl.constexpr, TAIL: tl.constexpr, WEIGHTS: tl.constexpr,
+                        COEF: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr):
+    """TAIL: 0 bucket, 1 renorm_teacher, 2 renorm_both. lse_ptr: full-vocabulary LSE(b) per row.
+    out (N, 4) = [LSE used for q, D, S, h_Q] (forward); coef (N, K), dense (N,) (COEF)."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    slots = tl.arange(0, KP)
+    m2 = rmask[:, None] & (slots < K)[None, :]
+    ids = tl.load(ids_ptr + rows[:, None] * stride_in + slots[None, :], mask=m2, other=-1)
+    valid = m2 & (ids >= 0)
+    bk = tl.load(zk_ptr + rows[:, None] * K + slots[None, :], mask=m2, other=0.0) * inv_T
+    lp = tl.load(vals_ptr + rows[:, None] * stride_vn + slots[None, :], mask=valid, other=1.0).to(tl.float32)
+    if WEIGHTS:
+        lp = tl.log(lp)
+    lp = tl.where(valid, lp, NEG_INF)
+    if WEIGHTS or TAIL != 0:
+        if TAIL != 0:
+            lp = lp - tl.maximum(masked_lse(lp, valid, 1), -1e30)[:, None]
+        lP = tl.full((BLOCK_N,), NEG_INF, tl.float32)
+    else:
+        lP = tl.maximum(log1mexp(masked_lse(lp, valid, 1)), log_floor)
+    if TAIL == 2:
+        lse = masked_lse(bk, valid, 1)
+    else:
+        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    lq = tl.where(valid, bk - lse[:, None], NEG_INF)
+    fk, qhk = element_terms(lp, lq, DIV, LOG_W, LOG_1MW)
+    fk = tl.where(valid, fk, 0.0)
+    qhk = tl.where(valid, qhk, 0.0)
+    D = tl.sum(fk, 1)
+    S = tl.sum(qhk, 1)
+    hQ = tl.zeros((BLOCK_N,), tl.float32)
+    if TAIL != 2:
+        full = tl.sum(valid.to(tl.int32), 1) == V   # K covers the vocabulary: no tail outcome
+        lQ = tl.maximum(log1mexp(masked_lse(lq, valid, 1)), log_floor)
+        fQ, qhQ = element_terms(lP, lQ, DIV, LOG_W, LOG_1MW)
+        fQ = tl.where(full, 0.0, fQ)
+        qhQ = tl.where(full, 0.0, qhQ)
+        D += fQ
+        S += qhQ
+        hQ = qhQ * tl.exp(-lQ)
+    if COEF:
+        qk = tl.exp(lq)
+        if TAIL == 2:
+            c = qhk - qk * S[:, None]
+            dense = tl.zeros((BLOCK_N,), tl.float32)
+        else:
+            c = qhk - qk * hQ[:, None]
+            dense = (hQ - S) * kd_coef
+        c = tl.where(valid, c * kd_coef, 0.0)
+        tl.store(coef_ptr + rows[:, None] * K + slots[None, :], c, mask=m2)
+        tl.store(dense_ptr + rows, dense, mask=rmask)
+    else:
+        tl.store(out_ptr + rows * 4 + 0, lse, mask=rmask)
+        tl.store(out_ptr + rows * 4 + 1, D, mask=rmask)
+        tl.store(out_ptr + rows * 4 + 2, S, mask=rmask)
+        tl.store(out_ptr + rows * 4 + 3, hQ, mask=rmask)
+
+
+@triton.jit
+def _sparse_grad_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, H, cap, ids_ptr, stride_in,
+                        coef_ptr, dense_ptr, labels_ptr, stats_ptr, grad_rows_ptr, out_ptr,
+                        stride_on, N, V, K, c_start, c_end, inv_T, ce_w,
+                        HAS_KD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_CE: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, IEEE: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """stats rows: [LSE(b), LSE(z), h_Q, S] (LSE(b) over K for renorm_both)."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    cols = c_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    cmask = cols < c_end
+    z = linear_tile(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, rows, cols, N, V, H, cap,
+                    HAS_BIAS, HAS_CAP, IEEE, BLOCK_N, BLOCK_V, BLOCK_H)
+    g = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+    if HAS_KD:
+        if HAS_DENSE:
+            lse = tl.load(stats_ptr + rows * 4 + 0, mask=rmask, other=0.0)
+            dense = tl.load(dense_ptr + rows, mask=rmask, other=0.0)
+            g = tl.exp(z * inv_T - lse[:, None]) * dense[:, None]
+        for i in range(0, K):
+            idx = tl.load(ids_ptr + rows * stride_in + i, mask=rmask, other=-1)
+            c = tl.load(coef_ptr + rows * K + i, mask=rmask, other=0.0)
+            g += tl.where(cols[None, :] == idx[:, None], c[:, None], 0.0)
+    if HAS_CE:
+        lab = tl.load(labels_ptr + rows, mask=rmask, other=-1)
+        lse1 = tl.load(stats_ptr + rows * 4 + 1, mask=rmask, other=0.0)
+        g += tl.where((lab >= 0)[:, None], ce_w * tl.exp(z - lse1[:, None]), 0.0)
+        g -= tl.where(cols[None, :] == lab[:, None], ce_w, 0.0)
+    if HAS_CAP:
+        r = z / cap
+        g = g * (1.0 - r * r)
+    gr = tl.load(grad_rows_ptr + rows, mask=rmask, other=0.0)
+    g = tl.where((gr != 0)[:, None], g * gr[:, None], 0.0)
+    ptrs = out_ptr + rows[:, None] * stride_on + (cols - c_start)[None, :]
+    tl.store(ptrs, g.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
