@@ -180,10 +180,11 @@ def blank_ignored(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.unsqueeze(1), x, torch.zeros((), dtype=x.dtype))
 
 
-def reduce_rows(rows: torch.Tensor, mask: torch.Tensor, reduction: str, normalizer=None):
+def reduce_rows(rows: torch.Tensor, mask: torch.Tensor, reduction: str, normalizer=None,
+                lead_shape=None):
     rows = torch.where(mask, rows, torch.zeros((), dtype=rows.dtype))
     if reduction == "none":
-        return rows
+        return rows if lead_shape is None else rows.reshape(lead_shape)
     total = rows.sum()
     if reduction == "sum":
         return total
@@ -209,18 +210,20 @@ def _labels_for_ce(labels, mask):
 def kd_loss(student_logits, teacher_logits, *, compute=torch.float64, labels=None,
             ignore_index=-100, reduction="mean", normalizer=None, vocab_size=None, **opts):
     v = vocab_size or student_logits.shape[-1]
+    lead = student_logits.shape[:-1]
     zs = student_logits.reshape(-1, student_logits.shape[-1])[:, :v].to(compute)
     zt = teacher_logits.reshape(-1, teacher_logits.shape[-1])[:, :v].to(compute)
     mask = counted(labels, zs.shape[0], ignore_index)
     rows = dense_rows(blank_ignored(zs, mask), blank_ignored(zt, mask),
                       labels=_labels_for_ce(labels, mask), **_row_options(opts))
-    return reduce_rows(rows, mask, reduction, normalizer)
+    return reduce_rows(rows, mask, reduction, normalizer, lead)
 
 
 def fused_linear_kd_loss(hs, ws, ht, wt, *, student_bias=None, teacher_bias=None,
                          student_softcap=None, teacher_softcap=None, compute=torch.float64,
                          labels=None, ignore_index=-100, reduction="mean", normalizer=None,
                          vocab_size=None, **opts):
+    lead = hs.shape[:-1]
     hs, ht = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1])
     v = vocab_size or ws.shape[0]
     mask = counted(labels, hs.shape[0], ignore_index)
@@ -229,13 +232,14 @@ def fused_linear_kd_loss(hs, ws, ht, wt, *, student_bias=None, teacher_bias=None
     zt = head_logits(blank_ignored(ht, mask), wt[:v],
                      teacher_bias[:v] if teacher_bias is not None else None, teacher_softcap, compute)
     rows = dense_rows(zs, zt, labels=_labels_for_ce(labels, mask), **_row_options(opts))
-    return reduce_rows(rows, mask, reduction, normalizer)
+    return reduce_rows(rows, mask, reduction, normalizer, lead)
 
 
 def fused_linear_sparse_kd_loss(hs, ws, ids, vals, *, values="logprobs", tail="bucket",
                                 student_bias=None, student_softcap=None, compute=torch.float64,
                                 labels=None, ignore_index=-100, reduction="mean", normalizer=None,
                                 vocab_size=None, **opts):
+    lead = hs.shape[:-1]
     hs = hs.reshape(-1, hs.shape[-1])
     ids, vals = ids.reshape(-1, ids.shape[-1]), vals.reshape(-1, vals.shape[-1])
     v = vocab_size or ws.shape[0]
@@ -244,7 +248,7 @@ def fused_linear_sparse_kd_loss(hs, ws, ids, vals, *, values="logprobs", tail="b
                      student_bias[:v] if student_bias is not None else None, student_softcap, compute)
     rows = sparse_rows(zs, ids.long(), vals, values=values, tail=tail,
                        labels=_labels_for_ce(labels, mask), **_row_options(opts))
-    return reduce_rows(rows, mask, reduction, normalizer)
+    return reduce_rows(rows, mask, reduction, normalizer, lead)
 
 
 # ------------------------------------------------------------------------------------------------
