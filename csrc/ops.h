@@ -1,0 +1,147 @@
+// The custom ops' entry points, in the argument form of their torch.library schemas
+// (csrc/bindings.cpp), for a device's epilogues (`Ops<CpuEpi>`, `Ops<CudaEpi>`) and shape-only
+// meta kernels (`MetaOps`, used by FakeTensor / torch.compile).
+//
+// Options travel as two lists, built in one place (kdkernels/backends/native/_ops.py):
+//   fopts = [temperature, mix (beta or alpha), kd_scale, ce_weight, student_softcap, teacher_softcap]
+//   iopts = [divergence code, tail code, values is "weights", chunk_bytes]
+// (softcaps: 0 = none).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+
+#include "driver.h"
+
+namespace kdkernels {
+
+using OptTensor = c10::optional<at::Tensor>;
+using Need = std::array<bool, 3>;
+
+inline Params params_from(c10::ArrayRef<double> f, c10::IntArrayRef i) {
+  TORCH_CHECK(f.size() == 6, "kdkernels_native: fopts must hold 6 numbers, got ", f.size());
+  TORCH_CHECK(i.size() == 4, "kdkernels_native: iopts must hold 4 integers, got ", i.size());
+  Params p;
+  p.temperature = f[0];
+  p.mix = f[1];
+  p.kd_scale = f[2];
+  p.ce_weight = f[3];
+  p.cap_s = f[4];
+  p.cap_t = f[5];
+  p.divergence = i[0];
+  p.tail = i[1];
+  p.weights = i[2] != 0;
+  p.chunk_bytes = i[3];
+  TORCH_CHECK(p.temperature > 0, "kdkernels_native: temperature must be > 0, got ", p.temperature);
+  TORCH_CHECK(p.divergence >= kForwardKL && p.divergence <= kTVD, "kdkernels_native: bad divergence code ",
+              p.divergence);
+  TORCH_CHECK(p.tail >= kBucket && p.tail <= kRenormBoth, "kdkernels_native: bad tail code ", p.tail);
+  TORCH_CHECK(p.chunk_bytes > 0, "kdkernels_native: chunk_bytes must be > 0, got ", p.chunk_bytes);
+  return p;
+}
+
+template <class Epi>
+struct Ops {
+  static std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& zs, const at::Tensor& zt,
+                                                       const at::Tensor& labels, c10::ArrayRef<double> f,
+                                                       c10::IntArrayRef i) {
+    return driver::kd_forward<Epi>(zs, zt, labels, params_from(f, i));
+  }
+  static at::Tensor kd_backward(const at::Tensor& zs, const at::Tensor& zt, const at::Tensor& labels,
+                                const at::Tensor& stats, const at::Tensor& grad_rows,
+                                c10::ArrayRef<double> f, c10::IntArrayRef i) {
+    return driver::kd_backward<Epi>(zs, zt, labels, stats, grad_rows, params_from(f, i));
+  }
+  static std::tuple<at::Tensor, at::Tensor> linear_kd_forward(
+      const at::Tensor& hs, const at::Tensor& ws, const OptTensor& bs, const at::Tensor& ht,
+      const at::Tensor& wt, const OptTensor& bt, const at::Tensor& labels, c10::ArrayRef<double> f,
+      c10::IntArrayRef i) {
+    return driver::linear_kd_forward<Epi>(hs, ws, bs, ht, wt, bt, labels, params_from(f, i));
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_kd_backward(
+      const at::Tensor& hs, const at::Tensor& ws, const OptTensor& bs, const at::Tensor& ht,
+      const at::Tensor& wt, const OptTensor& bt, const at::Tensor& labels, const at::Tensor& stats,
+      const at::Tensor& grad_rows, c10::ArrayRef<double> f, c10::IntArrayRef i, Need need) {
+    return driver::linear_kd_backward<Epi>(hs, ws, bs, ht, wt, bt, labels, stats, grad_rows,
+                                           params_from(f, i), need[0], need[1], need[2]);
+  }
+  static std::tuple<at::Tensor, at::Tensor> linear_sparse_kd_forward(
+      const at::Tensor& hs, const at::Tensor& ws, const OptTensor& bs, const at::Tensor& ids,
+      const at::Tensor& vals, const at::Tensor& labels, c10::ArrayRef<double> f, c10::IntArrayRef i) {
+    return driver::linear_sparse_kd_forward<Epi>(hs, ws, bs, ids, vals, labels, params_from(f, i));
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_sparse_kd_backward(
+      const at::Tensor& hs, const at::Tensor& ws, const OptTensor& bs, const at::Tensor& ids,
+      const at::Tensor& vals, const at::Tensor& labels, const at::Tensor& stats,
+      const at::Tensor& grad_rows, c10::ArrayRef<double> f, c10::IntArrayRef i, Need need) {
+    return driver::linear_sparse_kd_backward<Epi>(hs, ws, bs, ids, vals, labels, stats, grad_rows,
+                                                  params_from(f, i), need[0], need[1], need[2]);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_topk(
+      const at::Tensor& h, const at::Tensor& w, const OptTensor& b, int64_t k, c10::ArrayRef<double> f,
+      c10::IntArrayRef i) {
+    return driver::linear_topk<Epi>(h, w, b, k, params_from(f, i));
+  }
+};
+
+// Shapes and dtypes only (symbolic sizes allowed).
+struct MetaOps {
+  static at::TensorOptions acc(const at::Tensor& t) { return t.options().dtype(driver::acc_dtype(t)); }
+  static at::Tensor none(const at::Tensor& t) { return at::empty_symint({c10::SymInt(0)}, t.options()); }
+
+  static std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& zs, const at::Tensor& zt,
+                                                       const at::Tensor&, c10::ArrayRef<double>,
+                                                       c10::IntArrayRef) {
+    const auto o = acc(zt.scalar_type() == at::kDouble ? zt : zs);
+    return {at::empty_symint({zs.sym_size(0)}, o), at::empty_symint({zs.sym_size(0), c10::SymInt(4)}, o)};
+  }
+  static at::Tensor kd_backward(const at::Tensor& zs, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, c10::ArrayRef<double>,
+                                c10::IntArrayRef) {
+    return at::empty_symint(zs.sym_sizes(), zs.options().memory_format(at::MemoryFormat::Contiguous));
+  }
+  static std::tuple<at::Tensor, at::Tensor> rows_stats(const at::Tensor& hs, int64_t width) {
+    const auto o = acc(hs);
+    return {at::empty_symint({hs.sym_size(0)}, o),
+            at::empty_symint({hs.sym_size(0), c10::SymInt(width)}, o)};
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> head_grads(const at::Tensor& hs,
+                                                                   const at::Tensor& ws, Need need) {
+    return {need[0] ? at::empty_symint(hs.sym_sizes(), hs.options()) : none(hs),
+            need[1] ? at::empty_symint(ws.sym_sizes(), ws.options()) : none(hs),
+            need[2] ? at::empty_symint({ws.sym_size(0)}, ws.options()) : none(hs)};
+  }
+  static std::tuple<at::Tensor, at::Tensor> linear_kd_forward(
+      const at::Tensor& hs, const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+      const OptTensor&, const at::Tensor&, c10::ArrayRef<double>, c10::IntArrayRef) {
+    return rows_stats(hs, 4);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_kd_backward(
+      const at::Tensor& hs, const at::Tensor& ws, const OptTensor&, const at::Tensor&, const at::Tensor&,
+      const OptTensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::ArrayRef<double>,
+      c10::IntArrayRef, Need need) {
+    return head_grads(hs, ws, need);
+  }
+  static std::tuple<at::Tensor, at::Tensor> linear_sparse_kd_forward(
+      const at::Tensor& hs, const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, c10::ArrayRef<double>, c10::IntArrayRef) {
+    return rows_stats(hs, 5);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_sparse_kd_backward(
+      const at::Tensor& hs, const at::Tensor& ws, const OptTensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::ArrayRef<double>, c10::IntArrayRef,
+      Need need) {
+    return head_grads(hs, ws, need);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_topk(
+      const at::Tensor& h, const at::Tensor&, const OptTensor&, int64_t k, c10::ArrayRef<double>,
+      c10::IntArrayRef) {
+    const auto o = h.options().dtype(at::kFloat);
+    return {at::empty_symint({h.sym_size(0), c10::SymInt(k)}, o),
+            at::empty_symint({h.sym_size(0), c10::SymInt(k)}, h.options().dtype(at::kLong)),
+            at::empty_symint({h.sym_size(0)}, o)};
+  }
+};
+
+}  // namespace kdkernels
