@@ -8,17 +8,14 @@ fp32 summation (partial sums per shard, e.g. dh = sum_r g_r W_r); a wrong shard 
 shard or a locally-normalized softmax gives errors of the order of the scale itself. The shards are uneven on purpose (one rank holds 0 or 1
 columns), V = 1031, N = 37, some rows ignored, non-unit upstream gradients.
 
-One process group per world size runs every case (spawn costs seconds on 2 cores); each rank checks
-its own shard and writes its measurements; the parametrized tests read them.
+One process group per world size runs every case (test_distributed_harness.py: spawning costs
+seconds on 2 cores); each rank checks its own shard and records its measurements; the parametrized
+tests read them.
 """
 from __future__ import annotations
 
-import os
-import socket
-import tempfile
 import traceback
 import zlib
-from datetime import timedelta
 
 import pytest
 import torch
@@ -259,28 +256,21 @@ def _check_all_ignored(op, pg, world, rank):
                 bool(torch.isfinite(v).all())) for k, v in out.items()}
 
 
-def _worker(rank, world, port, out_dir):
-    import torch.distributed as dist
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
+def suite(rank, world, pg):
+    """Every check of this module on one rank of a `world`-process group (test_distributed_harness)."""
     res = {}
-    try:
-        for name, (op, kw) in CASES.items():
-            try:
-                res[name] = _check_case(name, op, kw, None if world == 1 else dist.group.WORLD,
-                                        world, rank)
-            except Exception:
-                res[name] = traceback.format_exc()
-        for op in ALL_IGNORED:
-            try:
-                res["ignored_" + op] = _check_all_ignored(op, dist.group.WORLD, world, rank)
-            except Exception:
-                res["ignored_" + op] = traceback.format_exc()
-        res["errors"] = _check_errors(dist.group.WORLD, world, rank)
-    finally:
-        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    for name, (op, kw) in CASES.items():
+        try:
+            res[name] = _check_case(name, op, kw, pg, world, rank)
+        except Exception:
+            res[name] = traceback.format_exc()
+    for op in ALL_IGNORED:
+        try:
+            res["ignored_" + op] = _check_all_ignored(op, pg, world, rank)
+        except Exception:
+            res["ignored_" + op] = traceback.format_exc()
+    res["errors"] = _check_errors(pg, world, rank)
+    return res
 
 
 def _check_errors(pg, world, rank):
@@ -297,39 +287,23 @@ def _check_errors(pg, world, rank):
     return "no error"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_RESULTS: dict = {}
-
-
 def _results(world):
-    if world not in _RESULTS:
-        import torch.multiprocessing as mp
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                mp.start_processes(_worker, args=(world, _free_port(), tmp), nprocs=world,
-                                   start_method="spawn")
-                why = "no result file"
-            except mp.ProcessRaisedException as e:   # keep what the other ranks measured
-                why = str(e)
-            _RESULTS[world] = [torch.load(f) if os.path.exists(f) else {"crash": why}
-                               for f in (os.path.join(tmp, f"rank{r}.pt") for r in range(world))]
-    return _RESULTS[world]
+    from test_distributed_harness import results
+    return results(world, "test_distributed_vocab")
 
 
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("case", list(CASES))
 def test_vocab_parallel_equals_single_process(world, case):
+    grad_scale = 0.0
     for rank, res in enumerate(_results(world)):
         meas = res[case]
         assert not isinstance(meas, str), f"rank {rank} raised:\n{meas}"
         for k, (err, tol, scale) in meas.items():
             assert err <= tol, f"rank {rank} {k}: |vp - ref64| = {err:.3g} > {tol:.3g} (scale {scale:.3g})"
-        assert meas["loss"][2] > 0 and meas["dhs" if "dhs" in meas else "dzs"][2] > 0
+        assert meas["loss"][2] > 0
+        grad_scale = max(grad_scale, meas["dhs" if "dhs" in meas else "dzs"][2])
+    assert grad_scale > 0, "every gradient is 0: the comparison would prove nothing"
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -5,13 +5,13 @@
   per-row statistics are combined with O(N) all-reduces (vocab_parallel.py, comm.py); the local
   shard math is a backend's shard protocol (shard_torch.py is the reference).
 - Data parallel (DDP / FSDP2): `data_parallel_normalizer` (the global token normalizer across ranks
-  and micro-batches) and `call_as_forward` (run the fused loss inside an FSDP2 module's forward so
-  the sharded LM head is gathered) in data_parallel.py.
+  and micro-batches), `LossForward` (the loss inside DDP's forward) and `call_as_forward` (the
+  loss inside an FSDP2 module's forward, so the sharded LM head is gathered) in data_parallel.py.
 
 Importing this package does not initialize or query torch.distributed.
 """
-from .data_parallel import call_as_forward, data_parallel_normalizer, global_token_count
+from .data_parallel import LossForward, call_as_forward, data_parallel_normalizer, global_token_count
 from .vocab_parallel import fused_linear_kd_loss, fused_linear_sparse_kd_loss, kd_loss
 
 __all__ = ["kd_loss", "fused_linear_kd_loss", "fused_linear_sparse_kd_loss",
-           "data_parallel_normalizer", "global_token_count", "call_as_forward"]
+           "data_parallel_normalizer", "global_token_count", "call_as_forward", "LossForward"]

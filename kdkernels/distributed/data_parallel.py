@@ -45,6 +45,22 @@ def data_parallel_normalizer(*labels: torch.Tensor, ignore_index: int = -100,
     return count.clamp_min(1.0) / world
 
 
+class LossForward(torch.nn.Module):
+    """`LossForward(model)(fn, *args, **kwargs)` returns `fn(model, *args, **kwargs)`.
+
+    Wrap THIS module in DistributedDataParallel (or fully_shard it) so that the whole loss, the
+    LM-head read included, runs inside the wrapper's forward: DDP only all-reduces gradients of a
+    backward that follows its own forward (calling model.body and a fused loss directly on a
+    DDP-wrapped model leaves the gradients unsynchronized, silently)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
 _METHOD = "_kdkernels_call_as_forward"
 
 
@@ -69,4 +85,4 @@ def call_as_forward(owner: torch.nn.Module, fn: Callable, *args, **kwargs):
     return method(fn, *args, **kwargs)
 
 
-__all__ = ["global_token_count", "data_parallel_normalizer", "call_as_forward"]
+__all__ = ["global_token_count", "data_parallel_normalizer", "call_as_forward", "LossForward"]

@@ -25,7 +25,8 @@ Conventions: `labels` are LOCAL column indices: >= 0 the CE target lies in this 
 no CE term, -2 the row has a CE term whose target lies in another shard (softmax part only). `ids`
 are local too, -1 for empty slots and ids of other shards. `stats` are the global per-row statistics
 [LSE(b) (LSE over K for renorm_both), LSE(z_s), LSE(a) or h_Q, S]. dh is returned as the fp32 partial
-sum g_shard @ W_shard; the caller all-reduces it once. Memory: (rows, v_shard) fp32 temporaries
+sum g_shard @ W_shard; the caller all-reduces it once. Arithmetic is fp32 (fp64 inputs stay fp64,
+as in the torch backend). Memory: (rows, v_shard) fp32 temporaries
 within opts.chunk_bytes, as the torch backend; reads N*H + v*H per pass, writes O(N) (plus dh, dW).
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from ..backends.torch.common import finish_grad, row_block
+from ..backends.torch.common import acc, acc_dtype, finish_grad, row_block
 from ..backends.torch.dense import alloc_head_grads, finish_head_grads, linear_logits
 from ..backends.torch.terms import element_terms
 from ..options import KDOptions
@@ -72,10 +73,10 @@ def _ce_grad(g: torch.Tensor, z: torch.Tensor, lse1: torch.Tensor, labels: torch
 # Dense teacher. `blocks` yields (slice, zs, zt) with fp32 softcapped logits of the shard.
 
 
-def _dense_stats(n, blocks, labels, opts: KDOptions, device):
+def _dense_stats(n, blocks, labels, opts: KDOptions, device, dtype):
     T = opts.temperature
-    lse = torch.empty(n, 3, dtype=torch.float32, device=device)
-    picked = torch.zeros(n, dtype=torch.float32, device=device)
+    lse = torch.empty(n, 3, dtype=dtype, device=device)
+    picked = torch.zeros(n, dtype=dtype, device=device)
     for s, zs, zt in blocks:
         lse[s, 0], lse[s, 2] = _lse(zs / T), _lse(zt / T)
         lse[s, 1] = _lse(zs) if opts.ce_weight else 0.0
@@ -86,7 +87,7 @@ def _dense_stats(n, blocks, labels, opts: KDOptions, device):
 
 def _dense_terms(n, blocks, glse, opts: KDOptions, device):
     T = opts.temperature
-    out = torch.zeros(n, 2, dtype=torch.float32, device=device)
+    out = torch.zeros(n, 2, dtype=glse.dtype, device=device)
     if not opts.kd_weight:
         return out
     for s, zs, zt in blocks:
@@ -113,7 +114,7 @@ def _logit_blocks(zs, zt, opts):
     step = row_block(n, v, opts.chunk_bytes, _TEMPS)
     for r in range(0, n, step):
         s = slice(r, r + step)
-        yield s, zs[s].float(), zt[s].float()
+        yield s, acc(zs[s]), acc(zt[s])
 
 
 def _head_blocks(hs, ws, bs, ht, wt, bt, opts):
@@ -126,7 +127,8 @@ def _head_blocks(hs, ws, bs, ht, wt, bt, opts):
 
 
 def kd_shard_stats(zs, zt, labels, opts: KDOptions):
-    return _dense_stats(zs.shape[0], _logit_blocks(zs, zt, opts), labels, opts, zs.device)
+    return _dense_stats(zs.shape[0], _logit_blocks(zs, zt, opts), labels, opts, zs.device,
+                        acc_dtype(zs))
 
 
 def kd_shard_terms(zs, zt, glse, opts: KDOptions):
@@ -141,7 +143,8 @@ def kd_shard_backward(zs, zt, labels, stats, grad_rows, opts: KDOptions):
 
 
 def linear_kd_shard_stats(hs, ws, bs, ht, wt, bt, labels, opts: KDOptions):
-    return _dense_stats(hs.shape[0], _head_blocks(hs, ws, bs, ht, wt, bt, opts), labels, opts, hs.device)
+    return _dense_stats(hs.shape[0], _head_blocks(hs, ws, bs, ht, wt, bt, opts), labels, opts,
+                        hs.device, acc_dtype(hs))
 
 
 def linear_kd_shard_terms(hs, ws, bs, ht, wt, bt, glse, opts: KDOptions):
@@ -151,16 +154,16 @@ def linear_kd_shard_terms(hs, ws, bs, ht, wt, bt, glse, opts: KDOptions):
 def _partial_head_grads(g, h, w, need, dh32, dw32, db32, s):
     """dh32[s] = g @ W_shard (fp32 partial, summed over shards by the caller), dW += g^T h, db += sum g."""
     if need[0]:
-        dh32[s] = (g.to(w.dtype) @ w).float()
+        dh32[s] = acc(g.to(w.dtype) @ w)
     if need[1]:
-        dw32.addmm_(g.T, h.float())
+        dw32.addmm_(g.T, acc(h))
     if need[2]:
         db32.add_(g.sum(0))
 
 
 def _alloc(hs, ws, need):
     _, dw32, db32 = alloc_head_grads(hs, ws, (False, need[1], need[2]))
-    dh32 = torch.zeros(hs.shape, dtype=torch.float32, device=hs.device) if need[0] else None
+    dh32 = torch.zeros(hs.shape, dtype=acc_dtype(hs), device=hs.device) if need[0] else None
     return dh32, dw32, db32
 
 
@@ -195,9 +198,10 @@ def _gather_local(b: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def linear_sparse_kd_shard_stats(hs, ws, bs, ids, labels, opts: KDOptions):
     n = hs.shape[0]
     T = opts.temperature
-    lse = torch.zeros(n, 3, dtype=torch.float32, device=hs.device)
-    picked = torch.zeros(n, dtype=torch.float32, device=hs.device)
-    bK = torch.empty(ids.shape, dtype=torch.float32, device=hs.device)
+    dt = acc_dtype(hs)
+    lse = torch.zeros(n, 3, dtype=dt, device=hs.device)
+    picked = torch.zeros(n, dtype=dt, device=hs.device)
+    bK = torch.empty(ids.shape, dtype=dt, device=hs.device)
     for s, z in _student_blocks(hs, ws, bs, opts, 6):
         b = z / T
         bK[s] = _gather_local(b, ids[s])
