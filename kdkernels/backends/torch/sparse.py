@@ -1,11 +1,11 @@
 """Cached sparse teacher, torch reference: `fused_linear_sparse_kd_loss`.
 
 Per row, with K the valid ids (id >= 0) and b = z_s / T (docs/semantics.md, "Sparse teacher"):
-    bucket         : outcomes K + tail, P = 1 - sum_K p, Q = 1 - sum_K q, q from the full LSE(b)
+    bucket         : outcomes K + tail, P = 1 - sum_K p, Q = sum of q outside K, q from the full LSE(b)
     renorm_teacher : p renormalized over K, P = 0, q as in bucket
     renorm_both    : p and q renormalized over K, no tail
     D = sum_K f(p_i, q_i) + f(P, Q),   S = sum_K qh_i + qh(P, Q),   h_Q = qh(P, Q) / Q
-    dD/db_j = q_j (h_Q - S) for every j, plus (qh_j - q_j h_Q) at j in K   (renorm_both: qh_j - q_j S on K)
+    dD/db_j = q_j (h_Q - S) outside K, qh_j - q_j S at j in K   (renorm_both: 0 outside K)
 Saved per row: stats = [LSE(b) (LSE over K for renorm_both), LSE(z_s), h_Q, S].
 """
 from __future__ import annotations
@@ -59,15 +59,26 @@ def _sparse_terms(b, ids, vals, opts: KDOptions):
     lqK = (bK - lse.unsqueeze(1)).masked_fill(~valid, _NEG_INF)
     fK, qhK = element_terms(lpK, lqK, opts)
     D, S = fK.sum(1), qhK.sum(1)
-    hQ = torch.zeros_like(D)
+    hQ, in_k = torch.zeros_like(D), None
     if opts.tail != "renorm_both":
-        lQ = log1mexp(_masked_lse(lqK, valid)).clamp_min(LOG_TAIL_FLOOR)
+        in_k = ids_mask(ids, valid, b.shape)
+        # log Q = log(1 - sum_K q) is accurate while Q >= 1/2; below, it cancels (to rounding noise
+        # once Q < eps, and h_Q = qh(P, Q) / Q with it), so Q is summed over the tokens outside K.
+        lQ = log1mexp(_masked_lse(lqK, valid))
+        lQ_out = torch.logsumexp(b.masked_fill(in_k, _NEG_INF), 1) - lse
+        lQ = torch.where(lQ < -0.6931471805599453, lQ_out, lQ).clamp_min(LOG_TAIL_FLOOR)
         fQ, qhQ = element_terms(lP.unsqueeze(1), lQ.unsqueeze(1), opts)
         no_tail = full.unsqueeze(1)
         fQ, qhQ = fQ.masked_fill(no_tail, 0.0).squeeze(1), qhQ.masked_fill(no_tail, 0.0).squeeze(1)
         D, S = D + fQ, S + qhQ
         hQ = qhQ * torch.exp(-lQ)
-    return valid, lse, lqK, qhK, D, S, hQ
+    return valid, lse, lqK, qhK, D, S, hQ, in_k
+
+
+def ids_mask(ids: torch.Tensor, valid: torch.Tensor, shape) -> torch.Tensor:
+    """(rows, V) bool: token j is one of the row's valid ids (empty slots write nothing)."""
+    m = torch.zeros(shape, dtype=torch.uint8, device=ids.device)
+    return m.scatter_reduce_(1, ids.clamp_min(0), valid.to(torch.uint8), "amax").bool()
 
 
 def linear_sparse_kd_forward(hs, ws, bs, ids, vals, labels, opts: KDOptions):
@@ -83,7 +94,7 @@ def linear_sparse_kd_forward(hs, ws, bs, ids, vals, labels, opts: KDOptions):
         row = z.new_zeros(z.shape[0])
         st = z.new_zeros(z.shape[0], 4)
         if opts.kd_weight:
-            _, lse, _, _, D, S, hQ = _sparse_terms(z / T, ids[s], vals[s], opts)
+            _, lse, _, _, D, S, hQ, _ = _sparse_terms(z / T, ids[s], vals[s], opts)
             row = opts.kd_scale * D
             st[:, 0], st[:, 2], st[:, 3] = lse, hQ, S
         if opts.ce_weight:
@@ -104,18 +115,18 @@ def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, o
         g = torch.zeros_like(z)
         if opts.kd_weight:
             b = z / T
-            valid, lse, lqK, qhK, _, _, _ = _sparse_terms(b, ids[s], vals[s], opts)
+            valid, lse, lqK, qhK, _, _, _, in_k = _sparse_terms(b, ids[s], vals[s], opts)
             lse, hQ, S = stats[s, 0:1], stats[s, 2:3], stats[s, 3:4]
-            qK = lqK.exp()
-            if opts.tail == "renorm_both":
-                corr = qhK - qK * S
-            else:
-                g = (b - lse).exp() * (hQ - S)
-                corr = qhK - qK * hQ
-            g.scatter_add_(1, ids[s].clamp_min(0), corr.masked_fill(~valid, 0.0))
+            idx = ids[s].clamp_min(0)
+            if opts.tail != "renorm_both":
+                # Outside K every token carries the tail's h_Q. At K that dense value is replaced,
+                # not corrected: q_j (h_Q - S) + q_j (h_j - h_Q) cancels catastrophically when
+                # |h_Q| >> 1 (forward KL: h_Q = -P/Q, huge when the student's tail << the teacher's).
+                g = ((b - lse).exp() * (hQ - S)).masked_fill_(in_k, 0.0)
+            g.scatter_add_(1, idx, (qhK - lqK.exp() * S).masked_fill(~valid, 0.0))
             g.mul_(opts.kd_scale / T)
         if opts.ce_weight:
             g = add_ce_grad(g, z, stats[s, 1], labels[s], opts.ce_weight)
         g = finish_grad(g, z, opts.student_softcap, grad_rows[s])
-        head_grads(g, hs[s], ws, need, dh, dw32, db32, s)
+        head_grads(g, hs[s], ws, need, dh, dw32, db32, s, grad_rows[s])
     return finish_head_grads(dh, dw32, db32, ws, bs)
