@@ -96,14 +96,16 @@ def linear_kd_forward(hs, ws, bs, ht, wt, bt, labels, opts: KDOptions):
     return loss, stats
 
 
-def head_grads(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, need, dh, dw32, db32, s: slice):
+def head_grads(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, need, dh, dw32, db32, s: slice,
+               grad_rows: torch.Tensor):
     """Consume a block's logit gradient g (rows, V) fp32: dh[s] = g @ W, dW += g^T h, db += sum g.
-    Weight and bias gradients accumulate in fp32."""
+    Weight and bias gradients accumulate in fp32. Rows with grad_rows == 0 have g = 0 but may hold
+    NaN hidden states (ignored rows): they are zeroed so that 0 * NaN does not reach dW."""
     need_dh, need_dw, need_db = need
     if need_dh:
         dh[s] = (g.to(w.dtype) @ w).to(dh.dtype)
     if need_dw:
-        dw32.addmm_(g.T, acc(h))
+        dw32.addmm_(g.T, torch.where((grad_rows != 0).unsqueeze(1), acc(h), 0.0))
     if need_db:
         db32.add_(g.sum(0))
 
@@ -131,5 +133,5 @@ def linear_kd_backward(hs, ws, bs, ht, wt, bt, labels, stats, grad_rows, opts: K
         zs = linear_logits(hs[s], ws, bs, opts.student_softcap)
         zt = linear_logits(ht[s], wt, bt, opts.teacher_softcap)
         g = _block_grad(zs, zt, labels[s], stats[s], grad_rows[s], opts.student_softcap, opts)
-        head_grads(g, hs[s], ws, need, dh, dw32, db32, s)
+        head_grads(g, hs[s], ws, need, dh, dw32, db32, s, grad_rows[s])
     return finish_head_grads(dh, dw32, db32, ws, bs)
