@@ -210,7 +210,7 @@ def check(case: Case, opts: dict, grad_output=None, ulps: Optional[float] = None
 @pytest.fixture(scope="session")
 def kd():
     return types.SimpleNamespace(make_case=make_case, make_labels=make_labels, run=run, check=check,
-                                 upstream=upstream, rejected=R.rejected, sparse_teacher=sparse_teacher,
+                                 upstream=upstream, rejected=R.rejected, logit_scale=logit_scale, sparse_teacher=sparse_teacher,
                                  FORMS=R.FORMS, SPARSE_FORMS=R.SPARSE_FORMS,
                                  DIVERGENCES=R.DIVERGENCES)
 
