@@ -28,7 +28,7 @@ def _zero_where_not(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def element_terms(lp: torch.Tensor, lq: torch.Tensor, opts: KDOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (f, qh) elementwise for opts.divergence."""
     p, q = lp.exp(), lq.exp()
-    has_p, has_q = p > 0, q > 0
+    has_p, has_q = p != 0, q != 0  # not "> 0": a NaN must propagate (and be reported), not vanish
     d = opts.divergence
     if d == "forward_kl":
         return _zero_where_not(has_p, p * (lp - lq)), -p
