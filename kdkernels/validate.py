@@ -94,7 +94,8 @@ def sparse_teacher(ids: torch.Tensor, vals: torch.Tensor, vocab: int, values: st
     else:
         bad = valid & (~torch.isfinite(v) | (v < 0))
         if bool(bad.any()):
-            raise ValueError("teacher_values with values='weights' must be finite and >= 0")
+            raise ValueError("teacher_values with values='weights' must be finite and >= 0 "
+                             "(count / draws); did you pass log-probs? (values='logprobs')")
         sums = torch.where(valid, v, 0.0).sum(1)
         has = valid.any(1)
         if bool((has & ((sums - 1).abs() > 1e-3)).any()):
