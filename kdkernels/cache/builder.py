@@ -142,6 +142,8 @@ def build(model_or_path, texts_or_files, out_dir, *, mode: str = "topk", k: int 
     model_or_path: a model directory or .gguf file (loaded offline with `dtype` on `device`), a
     (model, tokenizer) pair, or a model alone (then the data must be token ids).
     texts_or_files: see kdkernels.cache.data (str = text, Path = file/dataset, list of ints = ids).
+    backend: for linear_topk / linear_sample; default "torch" on CPU, "auto" on GPU (recorded in
+    the settings: backends may differ in the last bits).
     Rerunning the same call finishes an interrupted build with identical bytes; a different call into
     the same directory raises SettingsMismatch. Under torchrun the shards are split across ranks.
     """
@@ -164,6 +166,9 @@ def build(model_or_path, texts_or_files, out_dir, *, mode: str = "topk", k: int 
         model, tok, path, gguf = _load(model_or_path, gguf_file, dtype, device)
         head = T.teacher_head(model)
         vocab = head.vocab_size
+        if backend is None:
+            # the reference backend on CPU (bytes then do not depend on which extensions are built)
+            backend = "torch" if head.weight.device.type == "cpu" else "auto"
         if mode == "topk" and k > vocab:
             raise ValueError(f"k={k} exceeds the teacher's vocabulary size {vocab}")
         seqs: Sequences = tokenize(texts_or_files, tok, seq_len, pack, text_field)
@@ -184,7 +189,7 @@ def build(model_or_path, texts_or_files, out_dir, *, mode: str = "topk", k: int 
                     "temperature": float(temperature), "seq_len": seq_len, "pack": bool(pack),
                     "lossless": bool(lossless), "value_step": codec.encodings["value_step"],
                     "seed": seed if mode == "sample" else None, "shard_sequences": shard_sequences,
-                    "tokens_per_batch": tokens_per_batch,
+                    "tokens_per_batch": tokens_per_batch, "backend": backend,
                     "teacher": {key: teacher[key] for key in ("config_sha256", "tokenizer_sha256",
                                                               "vocab_size", "dtype")},
                     "data": {"sha256": seqs.digest, "documents": seqs.documents,

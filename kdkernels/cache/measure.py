@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model, tok = T.load_teacher(args.teacher, gguf_file=args.gguf_file)
     load_s = time.perf_counter() - t0
-    docs = stdlib_docstrings()
+    docs = stdlib_docstrings(max_chars=args.tokens * 8)
     seqs = tokenize(docs, tok, args.seq_len)
     keep = min(len(seqs), max(1, args.tokens // args.seq_len))
     ids = [seqs[i].tolist() for i in range(keep)]
