@@ -69,6 +69,12 @@ def _flatten_rows(name: str, t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def _vocab_parallel(op: str, args: dict) -> torch.Tensor:
+    """process_group= given: each rank holds a vocabulary shard (docs/scaling.md)."""
+    from .distributed import vocab_parallel
+    return getattr(vocab_parallel, op)(**args)
+
+
 # --------------------------------------------------------------------------------------------------
 # kd_loss: logits-level
 
@@ -96,11 +102,14 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
             labels: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
             normalizer: Optional[Union[Number, torch.Tensor]] = None, ce_weight: float = 0.0,
             kd_weight: float = 1.0, vocab_size: Optional[int] = None, backend: Optional[str] = None,
-            chunk_bytes: Optional[int] = None) -> torch.Tensor:
+            chunk_bytes: Optional[int] = None, process_group=None) -> torch.Tensor:
     """Distillation loss between student and teacher logits of shape (..., V), streaming over V.
 
     Gradients flow to `student_logits` only. See docs/semantics.md for the exact definition.
+    With `process_group`, each rank holds the columns of its vocabulary shard (docs/scaling.md).
     """
+    if process_group is not None:
+        return _vocab_parallel("kd_loss", locals())
     V.tensor("student_logits", student_logits, min_ndim=1, floating=True)
     V.tensor("teacher_logits", teacher_logits, min_ndim=1, floating=True)
     if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
@@ -176,9 +185,12 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
                          normalizer: Optional[Union[Number, torch.Tensor]] = None,
                          ce_weight: float = 0.0, kd_weight: float = 1.0,
                          vocab_size: Optional[int] = None, backend: Optional[str] = None,
-                         chunk_bytes: Optional[int] = None) -> torch.Tensor:
+                         chunk_bytes: Optional[int] = None, process_group=None) -> torch.Tensor:
     """KD loss between softmax(student_hidden @ student_weight.T) and the same for the teacher,
-    without materializing either (..., V) logits tensor. Hidden sizes may differ."""
+    without materializing either (..., V) logits tensor. Hidden sizes may differ.
+    With `process_group`, each rank holds a vocabulary shard of both heads (docs/scaling.md)."""
+    if process_group is not None:
+        return _vocab_parallel("fused_linear_kd_loss", locals())
     _check_head("student", student_hidden, student_weight, student_bias)
     _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
@@ -243,9 +255,12 @@ def fused_linear_sparse_kd_loss(student_hidden: torch.Tensor, student_weight: to
                                 normalizer: Optional[Union[Number, torch.Tensor]] = None,
                                 ce_weight: float = 0.0, kd_weight: float = 1.0,
                                 vocab_size: Optional[int] = None, backend: Optional[str] = None,
-                                chunk_bytes: Optional[int] = None) -> torch.Tensor:
+                                chunk_bytes: Optional[int] = None, process_group=None) -> torch.Tensor:
     """KD loss of the student head against a cached sparse teacher: per row k ids (-1 = empty slot)
-    and their values (full-vocab log-probs, or sampling weights), without materializing logits."""
+    and their values (full-vocab log-probs, or sampling weights), without materializing logits.
+    With `process_group`, each rank holds a vocabulary shard of the head (docs/scaling.md)."""
+    if process_group is not None:
+        return _vocab_parallel("fused_linear_sparse_kd_loss", locals())
     _check_head("student", student_hidden, student_weight, student_bias)
     V.tensor("teacher_ids", teacher_ids, min_ndim=1, integer=True)
     V.tensor("teacher_values", teacher_values, min_ndim=1, floating=True)

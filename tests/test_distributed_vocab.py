@@ -161,8 +161,7 @@ def _loss_kwargs(kw):
 def _run_op(op, d, kw, dtype, pg=None, shard=None):
     """Forward + backward in `dtype`; with `shard` = (start, size) the head/logits are the rank's
     shard. Returns {name: tensor}: the loss and the gradients of the student inputs."""
-    import kdkernels
-    from kdkernels.distributed import vocab_parallel as vp
+    import kdkernels  # process_group= delegates to kdkernels.distributed.vocab_parallel
     cut = (lambda t, dim=0: t) if shard is None else \
         (lambda t, dim=0: t.narrow(dim, shard[0], shard[1]))
     lk = _loss_kwargs(kw)
@@ -181,10 +180,9 @@ def _run_op(op, d, kw, dtype, pg=None, shard=None):
         if ref64:
             v = kw.get("vocab_size", V)
             loss = _ref_dense(zs[:, :v], zt[:, :v], d["labels"], kw)
-        elif pg is None:
-            loss = kdkernels.kd_loss(zs, zt, labels=d["labels"], backend="torch", **lk)
         else:
-            loss = vp.kd_loss(zs, zt, labels=d["labels"], process_group=pg, backend="torch", **lk)
+            loss = kdkernels.kd_loss(zs, zt, labels=d["labels"], backend="torch", process_group=pg,
+                                     **lk)
     else:
         hs, ws, bs = leaf("hs", d["hs"]), leaf("ws", d["ws"], 0), leaf("bs", d["bs"], 0)
         if op == "linear":
@@ -195,20 +193,18 @@ def _run_op(op, d, kw, dtype, pg=None, shard=None):
                 zt = _softcap(ht @ wt[:v].T, kw.get("teacher_softcap"))
                 loss = _ref_dense(zs, zt, d["labels"], kw)
             else:
-                fn = kdkernels.fused_linear_kd_loss if pg is None else vp.fused_linear_kd_loss
-                extra = {} if pg is None else {"process_group": pg}
-                loss = fn(hs, ws, ht, wt, student_bias=bs, labels=d["labels"], backend="torch",
-                          **extra, **lk)
+                loss = kdkernels.fused_linear_kd_loss(hs, ws, ht, wt, student_bias=bs,
+                                                      labels=d["labels"], backend="torch",
+                                                      process_group=pg, **lk)
         else:
             if ref64:
                 v = kw.get("vocab_size", V)
                 z = _softcap(hs @ ws[:v].T + (bs[:v] if bs is not None else 0), kw.get("student_softcap"))
                 loss = _ref_sparse(z, d["ids"], d["vals"], d["labels"], kw)
             else:
-                fn = kdkernels.fused_linear_sparse_kd_loss if pg is None else vp.fused_linear_sparse_kd_loss
-                extra = {} if pg is None else {"process_group": pg}
-                loss = fn(hs, ws, d["ids"], d["vals"], student_bias=bs, labels=d["labels"],
-                          backend="torch", **extra, **lk)
+                loss = kdkernels.fused_linear_sparse_kd_loss(hs, ws, d["ids"], d["vals"],
+                                                             student_bias=bs, labels=d["labels"],
+                                                             backend="torch", process_group=pg, **lk)
     gen = torch.Generator().manual_seed(7)
     grad_out = (torch.rand(loss.shape, generator=gen, dtype=loss.dtype) + 0.5) if loss.dim() \
         else torch.tensor(0.7, dtype=loss.dtype)
