@@ -129,6 +129,10 @@ def _ddp(rank, world):
 
 
 def _fsdp(rank, world, head_apart: bool):
+    import warnings
+    # FSDP2 warns that the head's "forward" (the loss) returns a view; the loss is never modified
+    # in place, so its pre-backward hook stays (the gradients are checked below).
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
     from torch.distributed.fsdp import fully_shard
     from kdkernels.distributed import call_as_forward, data_parallel_normalizer
     from kdkernels.train import Objective, final_hidden, lm_parts, micro_batch_loss  # noqa: F401

@@ -247,6 +247,8 @@ def _check_all_ignored(op, pg, world, rank):
     start, size = _shard_of(world, rank)
     if op == "logits":
         d["zs"][3] = float("nan")   # ignored rows may hold anything
+    else:
+        d["hs"][3] = float("nan")
     out = _run_op(op, d, {"ce_weight": 0.5}, torch.float32, pg=pg, shard=(start, size))
     return {k: (float(v.abs().max()) if v.numel() else 0.0,
                 bool(torch.isfinite(v).all())) for k, v in out.items()}

@@ -151,12 +151,13 @@ def linear_kd_shard_terms(hs, ws, bs, ht, wt, bt, glse, opts: KDOptions):
     return _dense_terms(hs.shape[0], _head_blocks(hs, ws, bs, ht, wt, bt, opts), glse, opts, hs.device)
 
 
-def _partial_head_grads(g, h, w, need, dh32, dw32, db32, s):
-    """dh32[s] = g @ W_shard (fp32 partial, summed over shards by the caller), dW += g^T h, db += sum g."""
+def _partial_head_grads(g, h, w, need, dh32, dw32, db32, s, grad_rows):
+    """dh32[s] = g @ W_shard (fp32 partial, summed over shards by the caller), dW += g^T h, db += sum g.
+    Rows with grad_rows == 0 (ignored) may hold NaN hidden states: zeroed so 0 * NaN never reaches dW."""
     if need[0]:
         dh32[s] = acc(g.to(w.dtype) @ w)
     if need[1]:
-        dw32.addmm_(g.T, acc(h))
+        dw32.addmm_(g.T, torch.where((grad_rows != 0).unsqueeze(1), acc(h), 0.0))
     if need[2]:
         db32.add_(g.sum(0))
 
@@ -171,7 +172,7 @@ def linear_kd_shard_backward(hs, ws, bs, ht, wt, bt, labels, stats, grad_rows, o
     dh32, dw32, db32 = _alloc(hs, ws, need)
     for s, zs, zt in _head_blocks(hs, ws, bs, ht, wt, bt, opts):
         g = _dense_grad(zs, zt, labels[s], stats[s], grad_rows[s], opts.student_softcap, opts)
-        _partial_head_grads(g, hs[s], ws, need, dh32, dw32, db32, s)
+        _partial_head_grads(g, hs[s], ws, need, dh32, dw32, db32, s, grad_rows[s])
     _, dw, db = finish_head_grads(None, dw32, db32, ws, bs)
     return dh32, dw, db
 
@@ -236,6 +237,6 @@ def linear_sparse_kd_shard_backward(hs, ws, bs, ids, lpK, labels, stats, grad_ro
         if opts.ce_weight:
             g = _ce_grad(g, z, stats[s, 1], labels[s], opts.ce_weight)
         g = finish_grad(g, z, opts.student_softcap, grad_rows[s])
-        _partial_head_grads(g, hs[s], ws, need, dh32, dw32, db32, s)
+        _partial_head_grads(g, hs[s], ws, need, dh32, dw32, db32, s, grad_rows[s])
     _, dw, db = finish_head_grads(None, dw32, db32, ws, bs)
     return dh32, dw, db
