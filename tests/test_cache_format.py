@@ -189,3 +189,16 @@ def test_header_is_deterministic_json(tmp_path):
     n = int.from_bytes(first[12:16], "little")
     header = json.loads(first[16:16 + n])
     assert header["sequences"] == 5 and all(s[3] % 64 == 0 for s in header["sections"])
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+    from pathlib import Path
+    import kdkernels
+    code = ("import sys, kdkernels.cache, kdkernels.cache.cli, kdkernels.teacher; "
+            "print(sorted(m for m in ('transformers', 'datasets', 'scipy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"PYTHONPATH": str(Path(kdkernels.__file__).resolve().parents[1]),
+                              "PATH": "/usr/bin:/bin"})
+    assert out.stdout.strip() == "[]"
