@@ -22,6 +22,24 @@ void for_rows(int64_t n, Fn&& fn) {
   for (int64_t r = 0; r < n; ++r) fn(r);
 }
 
+// Softcap resolved at compile time: an `omp simd` loop cannot skip tanh with a runtime branch.
+template <bool CAP, class F>
+inline F cap_(F x, F c) {
+  if constexpr (CAP) return softcap(x, c);
+  else return x;
+}
+template <bool CAP, class F>
+inline F cap_grad_(F z, F c) {
+  if constexpr (CAP) return softcap_grad(z, c);
+  else return F(1);
+}
+
+template <class Fn>
+void with_cap(double cap, Fn&& fn) {
+  if (cap > 0) fn(std::true_type{});
+  else fn(std::false_type{});
+}
+
 template <class T, class F>
 F row_max(const T* x, int64_t n) {
   F m = neg_inf<F>();
@@ -33,18 +51,28 @@ F row_max(const T* x, int64_t n) {
   return m;
 }
 
+// Sums over a row run as `omp simd` loops over blocks of kBlock columns (a few dozen terms per
+// vector lane) whose results are added in double: the error stays near float32 rounding of the
+// terms even for V in the hundreds of thousands.
+constexpr int64_t kBlock = 1024;
+
 // sum_j exp(softcap(x_j) * scale - shift)
 template <class T, class F>
 F row_sumexp(const T* x, int64_t n, F cap, F scale, F shift) {
-  F s = F(0);
-  if (cap > F(0)) {
+  double total = 0.0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    F s = F(0);
+    if (cap > F(0)) {
 #pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < n; ++j) s += exp_(softcap(static_cast<F>(x[j]), cap) * scale - shift);
-  } else {
+      for (int64_t j = b; j < e; ++j) s += exp_(softcap(static_cast<F>(x[j]), cap) * scale - shift);
+    } else {
 #pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < n; ++j) s += exp_(static_cast<F>(x[j]) * scale - shift);
+      for (int64_t j = b; j < e; ++j) s += exp_(static_cast<F>(x[j]) * scale - shift);
+    }
+    total += static_cast<double>(s);
   }
-  return s;
+  return static_cast<F>(total);
 }
 
 // Merge a chunk row into a running LSE of softcap(x) * scale (scale > 0 keeps the max at the max).
@@ -64,52 +92,58 @@ const T* row_ptr(const Tensor& x, int64_t r) {
 }
 
 
-template <int DIV, class T, class F>
+template <int DIV, bool CS, bool CT, class T, class F>
 void row_terms(const T* x, const T* t, int64_t w, F inv_t, F cap_s, F cap_t, F lse_b, F lse_a,
                const Mix<F>& mix, F& d_out, F& s_out) {
-  F d = F(0), s = F(0);
+  double dt = 0.0, st = 0.0;
+  for (int64_t b = 0; b < w; b += kBlock) {
+    const int64_t e = std::min(w, b + kBlock);
+    F d = F(0), s = F(0);
 #pragma omp simd reduction(+ : d, s)
-  for (int64_t j = 0; j < w; ++j) {
-    const F lq = softcap(static_cast<F>(x[j]), cap_s) * inv_t - lse_b;
-    const F lp = softcap(static_cast<F>(t[j]), cap_t) * inv_t - lse_a;
-    const Terms<F> e = element_terms<DIV, F>(lp, lq, mix);
-    d += e.f;
-    s += e.qh;
+    for (int64_t j = b; j < e; ++j) {
+      const F lq = cap_<CS>(static_cast<F>(x[j]), cap_s) * inv_t - lse_b;
+      const F lp = cap_<CT>(static_cast<F>(t[j]), cap_t) * inv_t - lse_a;
+      const Terms<F> el = element_terms<DIV, F>(lp, lq, mix);
+      d += el.f;
+      s += el.qh;
+    }
+    dt += static_cast<double>(d);
+    st += static_cast<double>(s);
   }
-  d_out = d;
-  s_out = s;
+  d_out = static_cast<F>(dt);
+  s_out = static_cast<F>(st);
 }
 
 // out_j = [kd part + ce (softmax_j - [j = y])] dz/dx_j * scale, the dense-teacher gradient
-template <int DIV, class T, class F>
+template <int DIV, bool CS, bool CT, class T, class F>
 void row_dense_grad(const T* x, const T* t, T* out, int64_t w, bool kd, F inv_t, F cap_s, F cap_t,
                     F c_kd, F lse_b, F lse_1, F lse_a, F S, F ce, int64_t y, F scale,
                     const Mix<F>& mix) {
 #pragma omp simd
   for (int64_t j = 0; j < w; ++j) {
-    const F z = softcap(static_cast<F>(x[j]), cap_s);
+    const F z = cap_<CS>(static_cast<F>(x[j]), cap_s);
     F v = F(0);
     if (kd) {
       const F lq = z * inv_t - lse_b;
-      const F lp = softcap(static_cast<F>(t[j]), cap_t) * inv_t - lse_a;
+      const F lp = cap_<CT>(static_cast<F>(t[j]), cap_t) * inv_t - lse_a;
       const Terms<F> e = element_terms<DIV, F>(lp, lq, mix);
       v = c_kd * (e.qh - exp_(lq) * S);
     }
     v += ce * (exp_(z - lse_1) - (j == y ? F(1) : F(0)));
-    out[j] = static_cast<T>(v * softcap_grad(z, cap_s) * scale);
+    out[j] = static_cast<T>(v * cap_grad_<CS>(z, cap_s) * scale);
   }
 }
 
 // out_j = [dense q_j + ce (softmax_j - [j = y])] dz/dx_j * scale, the sparse gradient off the ids
-template <class T, class F>
+template <bool CS, class T, class F>
 void row_sparse_dense(const T* x, T* out, int64_t w, bool dense_tail, F inv_t, F cap, F dense, F lse,
                       F lse_1, F ce, int64_t y, F scale) {
 #pragma omp simd
   for (int64_t j = 0; j < w; ++j) {
-    const F z = softcap(static_cast<F>(x[j]), cap);
+    const F z = cap_<CS>(static_cast<F>(x[j]), cap);
     const F q = dense_tail ? exp_(z * inv_t - lse) : F(0);
     const F val = dense * q + ce * (exp_(z - lse_1) - (j == y ? F(1) : F(0)));
-    out[j] = static_cast<T>(val * softcap_grad(z, cap) * scale);
+    out[j] = static_cast<T>(val * cap_grad_<CS>(z, cap) * scale);
   }
 }
 
@@ -160,7 +194,12 @@ void CpuEpi::dense_terms(const Tensor& xs, const Tensor& xt, const Tensor& stats
         const T* t = row_ptr<T>(xt, r);
         const F lse_b = sts[r * 4 + 0], lse_a = sts[r * 4 + 2];
         F d = F(0), s = F(0);
-        row_terms<DIV, T, F>(x, t, w, inv_t, cap_s, cap_t, lse_b, lse_a, mix, d, s);
+        with_cap(p.cap_s, [&](auto cs) {
+          with_cap(p.cap_t, [&](auto ct) {
+            row_terms<DIV, decltype(cs)::value, decltype(ct)::value, T, F>(x, t, w, inv_t, cap_s, cap_t,
+                                                                           lse_b, lse_a, mix, d, s);
+          });
+        });
         out[r * 2 + 0] += d;
         out[r * 2 + 1] += s;
       });
@@ -197,8 +236,12 @@ void CpuEpi::dense_grad(const Tensor& xs, const Tensor& xt, int64_t v0, const Te
         const F S = sts[r * 4 + 3];
         const int64_t y = lab[r] - v0;  // label column in this chunk (may be outside)
         const F ce = lab[r] >= 0 ? ce_w : F(0);
-        row_dense_grad<DIV, T, F>(x, t, out, w, kd, inv_t, cap_s, cap_t, c_kd, lse_b, lse_1, lse_a, S, ce,
-                                  y, scale, mix);
+        with_cap(p.cap_s, [&](auto cs) {
+          with_cap(p.cap_t, [&](auto ct) {
+            row_dense_grad<DIV, decltype(cs)::value, decltype(ct)::value, T, F>(
+                x, t, out, w, kd, inv_t, cap_s, cap_t, c_kd, lse_b, lse_1, lse_a, S, ce, y, scale, mix);
+          });
+        });
       });
     });
   });
@@ -288,7 +331,10 @@ void CpuEpi::sparse_grad(const Tensor& xs, int64_t v0, const Tensor& ids, const 
           const int64_t y = lab[r] - v0;
           const F ce = lab[r] >= 0 ? ce_w : F(0);
           // g_j = [c_kd (q_j (hQ - S) + corr_j) + ce (softmax_j - [j = y])] dz/dx_j * grad_row
-          row_sparse_dense<T, F>(x, out, w, dense_tail, inv_t, cap, dense, lse, lse_1, ce, y, scale);
+          with_cap(p.cap_s, [&](auto cs) {
+            row_sparse_dense<decltype(cs)::value, T, F>(x, out, w, dense_tail, inv_t, cap, dense, lse,
+                                                        lse_1, ce, y, scale);
+          });
           if (!kd) return;
           for (int64_t i = 0; i < k; ++i) {  // the k valid ids: rewrite with the correction
             const int64_t j = id[r * k + i] - v0;

@@ -49,9 +49,8 @@ KD_HD float exp_(float x) {
   p = std::fma(p, r, 1.6666665459e-1f);
   p = std::fma(p, r, 5.0000001201e-1f);
   p = std::fma(p, r * r, r) + 1.0f;
-  union { std::int32_t i; float f; } scale;
-  scale.i = (static_cast<std::int32_t>(k) + 126) << 23;
-  float y = p * scale.f * 2.0f;
+  const float scale = __builtin_bit_cast(float, (static_cast<std::int32_t>(k) + 126) << 23);
+  float y = p * scale * 2.0f;
   y = x <= -87.0f ? 0.0f : y;
   y = x >= 88.72283905206835f ? std::numeric_limits<float>::infinity() : y;
   return x != x ? x : y;

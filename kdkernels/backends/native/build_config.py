@@ -22,7 +22,7 @@ HEADERS = ["epilogue.h", "dispatch.h", "driver.h", "ops.h",
            "include/kdkernels/sparse_row.cuh", "include/kdkernels/topk.cuh"]
 INCLUDE_DIRS = ["", "include"]  # relative to csrc/
 
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno"]  # torch adds its own -std= (c++17 or c++20)
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]  # torch adds its own -std= (c++17 or c++20)
 # Only for the JIT build, which runs where it was compiled (the AOT wheel stays portable).
 CXX_FLAGS_JIT = ["-march=native"]
 LD_FLAGS = ["-fopenmp"]
