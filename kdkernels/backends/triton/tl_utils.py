@@ -49,8 +49,8 @@ def log1mexp(x):
 def logaddexp(x, y):
     """log(exp x + exp y); -inf when both are -inf."""
     m = tl.maximum(x, y)
-    ms = tl.where(m == NEG_INF, 0.0, m)
-    return ms + tl.log(tl.exp(x - ms) + tl.exp(y - ms))
+    d = tl.where(m == NEG_INF, NEG_INF, tl.minimum(x, y) - m)
+    return m + log1p(tl.exp(d))
 
 
 @triton.jit
