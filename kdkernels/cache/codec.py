@@ -4,17 +4,20 @@ A sequence of L positions becomes per-position side arrays (fixed width, indexab
 byte-aligned bit stream. Per position p with n_p entries (n_p = k for top-k, the number of unique
 ids for sampled caches), the stream holds, in order:
 
-    Elias-Fano ids (bits.py), ids ascending            n_p * l + U bits
-    value fields, one per id in the same order         n_p * w_p bits
+    Elias-Fano ids (bits.py), ids ascending                      n_p * l + U bits
+    Rice-coded value fields d_i, one per id in the same order:
+        low parts  d_i & (2^r_p - 1)                              n_p * r_p bits
+        unary part for each i: (d_i >> r_p) zeros, then a one     vlen_p = sum_i (d_i >> r_p) + n_p bits
 
-Value fields:
-    topk, compact ("q"):   c_i = clip(rint(-lp_i / step), 0, 65535); vbase_p = min_i c_i (uint16 side
-                           array); field = c_i - vbase_p with w_p = bit_length(max field). Decoded
-                           lp_i = -(vbase_p + field) * step, so |error| <= step / 2 (+ float32 rounding)
-                           for lp_i >= -65535 * step; lower log-probs decode to -65535 * step.
-    topk, lossless ("f32"): no value fields (w_p = 0); values are a float32 (T, k) side array in
-                           the same (id-ascending) order, bit-exact.
-    sample ("count"):      field = count_i - 1 (counts are exact integers, so every sampled cache is
+with r_p = argmin_r n_p r + sum_i (d_i >> r) (smallest on ties) in the side array `vrice` and vlen_p
+in `vlen`. Value fields:
+    topk, compact ("q_rice"): c_i = clip(rint(-lp_i / step), 0, 65535); vbase_p = max_i c_i (the
+                           code of the row's smallest log-prob, uint16 side array); d_i = vbase_p - c_i.
+                           Decoded lp_i = -(vbase_p - d_i) * step, so |error| <= step / 2 (+ float32
+                           rounding) for lp_i >= -65535 * step; lower log-probs decode to -65535 * step.
+    topk, lossless ("f32"): no value fields; values are a float32 (T, k) side array in the same
+                           (id-ascending) order, bit-exact.
+    sample ("count_rice"): d_i = count_i - 1 (counts are exact integers, so every sampled cache is
                            lossless); weight_i = count_i / draws.
 Scalars per position: logprob of the next token and log tail mass, as float32 (lossless) or as a
 uint16 code c with value -c / 1024 (|error| <= 2^-11 nats for values >= -63.99; lower values clamp;
@@ -53,6 +56,14 @@ def dequantize_scalar(code: np.ndarray) -> np.ndarray:
     return np.where(code == SCALAR_NAN, np.float32(np.nan), out)
 
 
+def rice_parameter(d: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Per row, r minimizing n r + sum_i (d_i >> r) (the Rice-coded size; smallest r on ties).
+    d: (L, m) nonnegative int64, zero in unused slots."""
+    cands = np.arange(17, dtype=np.int64)
+    cost = n[:, None] * cands[None, :] + (d[:, :, None] >> cands[None, None, :]).sum(axis=1)
+    return np.argmin(cost, axis=1).astype(np.int64)
+
+
 @dataclass(frozen=True)
 class Codec:
     mode: str                 # "topk" | "sample"
@@ -75,9 +86,9 @@ class Codec:
 
     @property
     def encodings(self) -> dict:
-        values = "count" if self.mode == "sample" else ("f32" if self.lossless else "q")
+        values = "count_rice" if self.mode == "sample" else ("f32" if self.lossless else "q_rice")
         return {"ids": "elias_fano", "values": values,
-                "value_step": self.step if values == "q" else None,
+                "value_step": self.step if values == "q_rice" else None,
                 "scalars": "f32" if self.lossless else "u16_step_1/1024",
                 "tokens": self.id_dtype}
 
@@ -101,46 +112,66 @@ class Codec:
             n = np.full(L, m, dtype=np.int64)
             side["tail"] = self._scalar(tail)
             if self.lossless:
-                fields = np.zeros((L, m), dtype=np.int64)
-                w = np.zeros(L, dtype=np.int64)
                 side["values"] = values.astype("<f4")
-            else:
-                codes = np.clip(np.rint(-np.minimum(values.astype(np.float64), 0.0) / self.step),
-                                0, VALUE_CODE_MAX).astype(np.int64)
-                base = codes.min(axis=1)
-                fields = codes - base[:, None]
-                w = bit_length(fields.max(axis=1))
-                side["vbase"] = base.astype("<u2")
-                side["vwidth"] = w.astype("u1")
+                return side, self._stream(ids, None, n)
+            codes = np.clip(np.rint(-np.minimum(values.astype(np.float64), 0.0) / self.step),
+                            0, VALUE_CODE_MAX).astype(np.int64)
+            base = codes.max(axis=1) if m else np.zeros(L, np.int64)
+            d = base[:, None] - codes
+            side["vbase"] = base.astype("<u2")
         else:
             n = (ids >= 0).sum(axis=1).astype(np.int64)
             counts = np.rint(values.astype(np.float64) * self.width).astype(np.int64)
-            fields = np.where(ids >= 0, counts - 1, 0)
-            w = bit_length(fields.max(axis=1)) if m else np.zeros(L, dtype=np.int64)
+            d = np.where(ids >= 0, counts - 1, 0)
             side["count"] = n.astype(self.count_dtype)
-            side["vwidth"] = w.astype("u1")
-        return side, self._stream(ids, fields, n, w)
+        valid = np.arange(m)[None, :] < n[:, None]
+        d = np.where(valid, d, 0)
+        r = rice_parameter(d, n)
+        side["vrice"] = r.astype("u1")
+        side["vlen"] = ((d >> r[:, None]).sum(axis=1) + n).astype(self.vlen_dtype)
+        return side, self._stream(ids, (d, r, side["vlen"].astype(np.int64)), n)
+
+    @property
+    def vlen_dtype(self) -> str:
+        return "<u2" if self.width <= 16384 else "<u4"
 
     def _scalar(self, x) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
         return x.astype("<f4") if self.lossless else quantize_scalar(x)
 
-    def _stream(self, ids, fields, n, w) -> np.ndarray:
-        L, m = ids.shape
+    def _layout(self, n, r, vlen):
         low = bits.ef_low_bits(n, self.vocab_size)
         high = bits.ef_high_bits(n, low, self.vocab_size)
-        length = n * low + high + n * w
-        off = np.concatenate([[0], np.cumsum(length)[:-1]]) if L else np.zeros(0, np.int64)
-        total = int(length.sum())
+        length = n * low + high + n * r + vlen
+        off = np.concatenate([[0], np.cumsum(length)[:-1]]) if len(n) else np.zeros(0, np.int64)
+        return low, high, off, int(length.sum())
+
+    def _stream(self, ids, rice, n) -> np.ndarray:
+        L, m = ids.shape
+        zeros = np.zeros(L, dtype=np.int64)
+        r, vlen = (rice[1], rice[2]) if rice is not None else (zeros, zeros)
+        low, high, off, total = self._layout(n, r, vlen)
         valid = np.arange(m)[None, :] < n[:, None]
         rows, j = np.nonzero(valid)
         x = ids[rows, j]
-        pos_low = off[rows] + j * low[rows]
-        pos_val = off[rows] + n[rows] * low[rows] + high[rows] + j * w[rows]
-        buf = bits.pack(total, np.concatenate([pos_low, pos_val]),
-                        np.concatenate([x & ((1 << low[rows]) - 1), fields[rows, j]]),
-                        np.concatenate([low[rows], w[rows]]))
-        bits.set_bits(buf, off[rows] + n[rows] * low[rows] + (x >> low[rows]) + j)
+        pos = [off[rows] + j * low[rows]]
+        val = [x & ((1 << low[rows]) - 1)]
+        wid = [low[rows]]
+        ones = [off[rows] + n[rows] * low[rows] + (x >> low[rows]) + j]
+        if rice is not None:
+            d = rice[0][rows, j]
+            rr = r[rows]
+            vstart = off + n * low + high
+            pos.append(vstart[rows] + j * rr)
+            val.append(d & ((1 << rr) - 1))
+            wid.append(rr)
+            q1 = (d >> rr) + 1                              # unary: q zeros then a one
+            ends = np.cumsum(q1)
+            row_start = np.concatenate([[0], np.cumsum(n)[:-1]]) if L else zeros
+            before = ends - np.repeat(ends[row_start - 1] * (row_start > 0), n) if len(ends) else ends
+            ones.append(vstart[rows] + n[rows] * rr + before - 1)
+        buf = bits.pack(total, np.concatenate(pos), np.concatenate(val), np.concatenate(wid))
+        bits.set_bits(buf, np.concatenate(ones))
         return buf
 
     # ------------------------------------------------------------------ decode
@@ -149,30 +180,35 @@ class Codec:
         """Inverse of encode for one sequence -> ids (L, m) int64, values (L, m) float32.
         topk: m = k, sorted by value descending, ties by smaller id. sample: m = the most entries of
         any position, ids ascending, padded with -1 / 0. Raises ValueError on an inconsistent stream."""
-        if self.mode == "topk":
-            n = np.full(L, self.width, dtype=np.int64)
-            w = (np.zeros(L, dtype=np.int64) if self.lossless
-                 else np.asarray(side["vwidth"], dtype=np.int64))
-        else:
-            n = np.asarray(side["count"], dtype=np.int64)
-            w = np.asarray(side["vwidth"], dtype=np.int64)
-        low = bits.ef_low_bits(n, self.vocab_size)
-        high = bits.ef_high_bits(n, low, self.vocab_size)
-        length = n * low + high + n * w
-        off = np.concatenate([[0], np.cumsum(length)[:-1]]) if L else np.zeros(0, np.int64)
-        total = int(length.sum())
+        n = (np.full(L, self.width, dtype=np.int64) if self.mode == "topk"
+             else np.asarray(side["count"], dtype=np.int64))
+        rice = not (self.mode == "topk" and self.lossless)
+        zeros = np.zeros(L, dtype=np.int64)
+        r = np.asarray(side["vrice"], dtype=np.int64) if rice else zeros
+        vlen = np.asarray(side["vlen"], dtype=np.int64) if rice else zeros
+        low, high, off, total = self._layout(n, r, vlen)
         if (total + 7) // 8 + 8 > stream.size:
             raise ValueError("stream shorter than its side arrays imply")
         m = int(n.max()) if L else 0
         valid = np.arange(m)[None, :] < n[:, None]
         rows, j = np.nonzero(valid)
+        body = stream[: (total + 7) // 8]
         lo = bits.read(stream, off[rows] + j * low[rows], low[rows])
-        ones = bits.region_ones(stream[: (total + 7) // 8], off + n * low, high)
+        ones = bits.region_ones(body, off + n * low, high)
         if ones.size != rows.size:
             raise ValueError(f"Elias-Fano stream holds {ones.size} ids, side arrays say {rows.size}")
         hi = ones - (off + n * low)[rows] - j
         x = (hi << low[rows]) | lo
-        f = bits.read(stream, off[rows] + n[rows] * low[rows] + high[rows] + j * w[rows], w[rows])
+        if rice:
+            vstart = off + n * low + high
+            dlo = bits.read(stream, vstart[rows] + j * r[rows], r[rows])
+            ustart = vstart + n * r
+            ends = bits.region_ones(body, ustart, vlen)
+            if ends.size != rows.size:
+                raise ValueError(f"Rice stream holds {ends.size} values, side arrays say {rows.size}")
+            rel = ends - ustart[rows]                           # position of each terminator
+            prev = np.where(j > 0, np.concatenate([[-1], rel[:-1]]), -1)
+            f = ((rel - prev - 1) << r[rows]) | dlo
         if x.size and (x.min() < 0 or x.max() >= self.vocab_size):
             raise ValueError("decoded id outside the vocabulary")
         ids = np.full((L, m), -1, dtype=np.int64)
@@ -190,7 +226,7 @@ class Codec:
         else:
             base = np.asarray(side["vbase"], dtype=np.int64)
             codes = np.zeros((L, m), dtype=np.int64)
-            codes[rows, j] = f + base[rows]
+            codes[rows, j] = base[rows] - f
             vals = (-(codes.astype(np.float64)) * self.step).astype(np.float32)
         order = np.argsort(-vals, axis=1, kind="stable")   # ids ascending, so ties keep smaller id
         return np.take_along_axis(ids, order, 1), np.take_along_axis(vals, order, 1)

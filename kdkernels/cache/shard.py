@@ -6,7 +6,7 @@ Layout (docs/cache-format.md, "Shard files"), all little-endian:
     zero padding to a multiple of 64, then each section at its recorded 64-aligned offset.
 
 Sections: seq_tok (S+1) i8 token offsets, seq_byte (S+1) i8 stream byte offsets, seq_crc (S) u4,
-then per-position arrays (tokens, lp_next, tail, vbase, vwidth, count, values (T, k)) and `stream`
+then per-position arrays (tokens, lp_next, tail, vbase, vrice, vlen, count, values (T, k)) and `stream`
 (the concatenated byte-aligned per-sequence bit streams, plus 8 zero bytes so 64-bit reads never run
 past the end). seq_crc[s] = crc32 over sequence s's rows of every per-position section (in section
 order) and then its stream bytes; the header stores crc32 of the three index sections. A reader checks
@@ -32,7 +32,7 @@ SHARD_VERSION = 1
 ALIGN = 64
 PAD = 8
 INDEX = ("seq_tok", "seq_byte", "seq_crc")
-PER_POSITION = ("tokens", "lp_next", "tail", "vbase", "vwidth", "count", "values")
+PER_POSITION = ("tokens", "lp_next", "tail", "vbase", "vrice", "vlen", "count", "values")
 
 
 class CorruptShard(ValueError):
