@@ -83,10 +83,11 @@ def atomic_write(path: Path, data: bytes, point: Optional[str] = None) -> None:
 
 
 def _seq_crc(sections: dict, t0: int, t1: int, b0: int, b1: int) -> int:
+    """crc32 of a sequence's rows of every per-position section (in file order), then its stream."""
     crc = 0
-    for name in PER_POSITION:
-        if name in sections:
-            crc = zlib.crc32(memoryview(np.ascontiguousarray(sections[name][t0:t1])).cast("B"), crc)
+    for name, arr in sections.items():
+        if name not in INDEX and name != "stream":
+            crc = zlib.crc32(memoryview(np.ascontiguousarray(arr[t0:t1])).cast("B"), crc)
     return zlib.crc32(memoryview(np.ascontiguousarray(sections["stream"][b0:b1])).cast("B"), crc)
 
 
@@ -224,6 +225,8 @@ class Shard:
         header = json.loads(blob)
         sections = {}
         for name, dtype, shape, off, nbytes in header["sections"]:
+            if name not in INDEX + PER_POSITION + ("stream",):
+                self._fail(f"unknown section {name!r} (written by another kdkernels version?)")
             if off + nbytes > size:
                 self._fail(f"section {name!r} runs past the end of the file (truncated)")
             sections[name] = mm[off:off + nbytes].view(np.dtype(dtype)).reshape(shape)
