@@ -139,6 +139,7 @@ def _fsdp(rank, world, head_apart: bool):
     from kdkernels import fused_linear_sparse_kd_loss
     model = _new_model(torch.float32)
     theta0 = {k: p.detach().clone() for k, p in model.named_parameters()}
+    call_as_forward(model, lambda m: None)   # a call before fully_shard must not stick as plain
     fully_shard(model.model.mix)
     if head_apart:
         fully_shard(model.lm_head, reshard_after_forward=True)

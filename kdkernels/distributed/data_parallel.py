@@ -17,6 +17,7 @@ the call. Without FSDP it simply calls fn.
 """
 from __future__ import annotations
 
+import importlib
 import types
 from typing import Callable
 
@@ -62,6 +63,7 @@ class LossForward(torch.nn.Module):
 
 
 _METHOD = "_kdkernels_call_as_forward"
+_REGISTERED = "_kdkernels_call_as_forward_fsdp"
 
 
 def _call(self, fn, *args, **kwargs):
@@ -72,17 +74,27 @@ def call_as_forward(owner: torch.nn.Module, fn: Callable, *args, **kwargs):
     """`fn(owner, *args, **kwargs)` run as a forward of `owner` (FSDP2: parameters unsharded for
     the call, gradients reduce-scattered in backward). Tensors in args/kwargs go through FSDP's
     forward-input handling (e.g. the MixedPrecisionPolicy cast), as they would in owner(...)."""
-    method = owner.__dict__.get(_METHOD)
-    if method is None:
+    fsdp_module, register = _fsdp2()
+    is_fsdp = fsdp_module is not None and isinstance(owner, fsdp_module)
+    # (Re)install the method when missing, or when fully_shard was applied after the last call.
+    if _METHOD not in owner.__dict__ or (is_fsdp and not owner.__dict__.get(_REGISTERED)):
         object.__setattr__(owner, _METHOD, types.MethodType(_call, owner))
+        if is_fsdp:
+            register(owner, _METHOD)
+        object.__setattr__(owner, _REGISTERED, is_fsdp)
+    return owner.__dict__[_METHOD](fn, *args, **kwargs)
+
+
+def _fsdp2():
+    """(FSDPModule, register_fsdp_forward_method) of this torch (public since 2.6, under
+    torch.distributed._composable.fsdp before), or (None, None) without FSDP2."""
+    for where in ("torch.distributed.fsdp", "torch.distributed._composable.fsdp"):
         try:
-            from torch.distributed.fsdp import register_fsdp_forward_method
-        except ImportError:  # torch without FSDP2: nothing to register
-            register_fsdp_forward_method = None
-        if register_fsdp_forward_method is not None:
-            register_fsdp_forward_method(owner, _METHOD)  # no-op unless owner is an FSDPModule
-        method = owner.__dict__[_METHOD]
-    return method(fn, *args, **kwargs)
+            mod = importlib.import_module(where)
+            return mod.FSDPModule, mod.register_fsdp_forward_method
+        except (ImportError, AttributeError):
+            continue
+    return None, None
 
 
 __all__ = ["global_token_count", "data_parallel_normalizer", "call_as_forward", "LossForward"]
