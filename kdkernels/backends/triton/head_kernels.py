@@ -2,7 +2,7 @@
 streaming the whole vocabulary; logit tiles z = softcap(h W^T + b) / T come from tl.dot.
 
 _topk_kernel    running top-k per row plus the online LSE. A candidate is one int64 key,
-                (order-preserving int32 image of the fp32 value) << 32 | (2^32 - 1 - id): keys are
+                (order-preserving int32 image of the fp32 value) << 32 | (2^31 - 1 - id): keys are
                 distinct, and larger key = larger value, then smaller id. Per row the KP best keys
                 (KP = next power of two >= k) are kept unsorted; a tile's entries that beat the
                 row's current k-th best replace it one at a time, largest first (the trip count is
@@ -23,10 +23,12 @@ from .tl_utils import NEG_INF, linear_tile, lse_finish, lse_update
 
 @triton.jit
 def _pack(z, cols):
-    """int64 keys, descending order = larger value first, then smaller id. -0.0 counts as +0.0."""
+    """int64 keys: larger value first, then smaller id; -0.0 counts as +0.0. Low 31 bits hold
+    2^31 - 1 - id. Every real key, even of -inf (high word ordered(-inf) = -2139095041),
+    exceeds keys with high words -2139095042 (sentinels) and -2139095043 (removed candidates)."""
     bits = (z + 0.0).to(tl.int32, bitcast=True)
     ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    return (ordered.to(tl.int64) << 32) | (0xFFFFFFFF - cols.to(tl.int64))
+    return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)
 
 
 @triton.jit
@@ -40,9 +42,10 @@ def _topk_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, H, cap, keys_ptr, ls
     slots = tl.arange(0, KP)
     m = tl.full((BLOCK_N,), NEG_INF, tl.float32)
     s = tl.zeros((BLOCK_N,), tl.float32)
-    lowest = -9223372036854775807 - 1
-    # distinct sentinels below every real key, so "the slot holding the row minimum" is unique
-    best = tl.zeros((BLOCK_N, KP), tl.int64) + (lowest + slots.to(tl.int64))[None, :]
+    # distinct sentinels below every real key, so "the slot holding the row minimum" is unique;
+    # removed candidates sink lower still
+    best = (tl.full((BLOCK_N, KP), -2139095042, tl.int32).to(tl.int64) << 32) | slots.to(tl.int64)[None, :]
+    lowest = tl.full((BLOCK_N, BLOCK_V), -2139095043, tl.int32).to(tl.int64) << 32
     for c0 in range(0, V, BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V)
         z = linear_tile(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, rows, cols, N, V, H, cap,

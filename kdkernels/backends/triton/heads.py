@@ -36,7 +36,7 @@ def unpack_keys(keys: torch.Tensor):
     """Inverse of head_kernels._pack: (fp32 values, int64 ids)."""
     hi = (keys >> 32).to(torch.int32)
     bits = torch.where(hi >= 0, hi, hi ^ 0x7FFFFFFF)
-    return bits.view(torch.float32), 0xFFFFFFFF - (keys & 0xFFFFFFFF)
+    return bits.view(torch.float32), 0x7FFFFFFF - (keys & 0xFFFFFFFF)
 
 
 def linear_sample(h, w, bias, uniforms: torch.Tensor, opts: KDOptions):
