@@ -68,11 +68,18 @@ def read(buf: np.ndarray, pos: np.ndarray, width: np.ndarray) -> np.ndarray:
 
 
 def region_ones(buf: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray:
-    """Stream positions of all 1-bits inside the regions [start_r, start_r + length_r), in order."""
+    """Stream positions of all 1-bits inside the regions [start_r, start_r + length_r), in order.
+    Regions must be sorted and disjoint."""
+    start = np.asarray(start, dtype=np.int64)
+    length = np.asarray(length, dtype=np.int64)
     total = int(buf.size) * 8
-    bits = np.unpackbits(buf, bitorder="little")
-    mark = np.zeros(total + 1, dtype=np.int32)
-    np.add.at(mark, start, 1)
-    np.add.at(mark, start + length, -1)
-    inside = np.cumsum(mark[:-1]) > 0
-    return np.flatnonzero(bits.astype(bool) & inside)
+    gaps = start - np.concatenate([[0], (start + length)[:-1]])
+    if (gaps < 0).any() or (start.size and start[-1] + length[-1] > total):
+        raise ValueError("regions overlap or run past the stream")
+    runs = np.empty(2 * start.size, dtype=np.int64)
+    runs[0::2], runs[1::2] = gaps, length
+    flags = np.zeros(2 * start.size, dtype=bool)
+    flags[1::2] = True
+    inside = np.repeat(flags, runs)
+    bits = np.unpackbits(buf, bitorder="little")[: inside.size].view(bool)
+    return np.flatnonzero(bits & inside)
