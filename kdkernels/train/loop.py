@@ -173,7 +173,7 @@ def train(model: torch.nn.Module, data: Sequence[dict], cfg: TrainConfig, *,
         n_tokens = sum(counts)
         normalizer = torch.tensor(float(max(n_tokens, 1)), device=device)
         opt.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for b in micro:
             b = _to(b, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
