@@ -97,3 +97,19 @@ def test_gpt2_vocab(kd, form):
     for chunk in (None, 50257 * 4 * 12):
         kd.check(case, dict(divergence=divergence, temperature=2.0, labels=labels, ce_weight=0.2,
                             chunk_bytes=chunk), kd.upstream("mean", ()))
+
+
+@pytest.mark.parametrize("form", ("logits", "linear", "sparse:logprobs:bucket", "sparse:weights:renorm_both"))
+def test_padded_student_vocab_1040_vs_1031(kd, form):
+    """A padded student head (1040 rows, like Qwen's 152064 vs 151936) against a 1031-token teacher:
+    vocab_size=1031 cuts both, the student softmax is over the prefix, the pad rows get 0."""
+    case = kd.make_case(form, n=21, v=1031, k=16, student_extra=9, bias=True, temperature=2.0, seed=12)
+    assert case.api_opts["vocab_size"] == 1031
+    labels = kd.make_labels(case.n, case.v, "some")
+    loss, grads = kd.check(case, dict(divergence="jsd", temperature=2.0, labels=labels, ce_weight=0.4,
+                                      chunk_bytes=3 * 1040 * 4 * 12), kd.upstream("mean", ()))
+    if form == "logits":
+        assert grads["student_logits"].shape == (21, 1040)
+        assert (grads["student_logits"][:, 1031:] == 0).all()
+    else:
+        assert (grads["student_weight"][1031:] == 0).all() and (grads["student_bias"][1031:] == 0).all()
