@@ -215,8 +215,9 @@ def kd():
                                  DIVERGENCES=R.DIVERGENCES)
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    """Tests see the default backend selection and value checks, whatever the caller's shell says."""
+@pytest.fixture
+def clean_env(monkeypatch):
+    """The default backend selection, value checks and chunk budget, whatever the caller's shell
+    says (for tests of those defaults; use with pytest.mark.usefixtures("clean_env"))."""
     for var in ("KDKERNELS_BACKEND", "KDKERNELS_CHECK_VALUES", "KDKERNELS_CHUNK_MB"):
         monkeypatch.delenv(var, raising=False)

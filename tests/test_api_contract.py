@@ -1,11 +1,14 @@
 """The public API's contract beyond the numbers: caller tensors are never written to, a frozen head
 costs no weight-gradient work, gradient accumulation with `normalizer` reproduces the full-batch
 mean, and the nn.Module wrappers equal the functions."""
+import pytest
 import torch
 
 import kdkernels
 import kdkernels.backends.torch as torch_backend
 import reference as R
+
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def _snapshot(tensors):

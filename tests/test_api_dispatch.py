@@ -12,6 +12,8 @@ import kdkernels
 import kdkernels.backends.torch as torch_backend
 from kdkernels import dispatch
 
+pytestmark = pytest.mark.usefixtures("clean_env")
+
 
 def _inputs():
     g = torch.Generator().manual_seed(0)

@@ -8,6 +8,8 @@ import torch
 
 import kdkernels
 
+pytestmark = pytest.mark.usefixtures("clean_env")
+
 N, V, H = 6, 23, 8
 
 

@@ -9,6 +9,8 @@ from torch.utils._pytree import tree_flatten
 
 import kdkernels
 
+pytestmark = pytest.mark.usefixtures("clean_env")
+
 N, V, H, K = 96, 1031, 16, 16
 BUDGET = 2 * V * 4 * 12          # two rows of the dense path's 12 fp32 (rows, V) temporaries
 
