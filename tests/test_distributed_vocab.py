@@ -34,7 +34,9 @@ CASES = {
     "linear_skewf_none": ("linear", dict(divergence="skew_forward_kl", alpha=0.2, reduction="none")),
     "linear_skewr_softcap": ("linear", dict(divergence="skew_reverse_kl", alpha=0.3,
                                             student_softcap=5.0, teacher_softcap=7.0, ce_weight=1.0)),
-    "linear_tvd": ("linear", dict(divergence="tvd")),
+    # tvd's gradient jumps where q_j = p_j; a teacher = student + {0, 1} pattern keeps every
+    # p_j / q_j away from 1, so rounding cannot flip a sign and the comparison stays tight.
+    "logits_tvd_separated": ("logits", dict(divergence="tvd", separated=True, reduction="sum")),
     "linear_extreme": ("linear", dict(divergence="jsd", scale=20.0, ce_weight=0.3)),
     "linear_vocab_cut": ("linear", dict(divergence="forward_kl", vocab_size=1000, ce_weight=0.5)),
     "linear_normalizer": ("linear", dict(divergence="reverse_kl", normalizer=50.0)),
@@ -73,6 +75,8 @@ def _data(case: str, op: str, kw: dict):
     d = dict(hs=hs, ws=ws, bs=bs, ht=ht, wt=wt, labels=labels)
     if op == "logits":
         d["zs"], d["zt"] = hs @ ws.T * 0.5, ht @ wt.T * 0.5
+        if kw.get("separated"):
+            d["zt"] = d["zs"] + (torch.arange(V) % 2)
     if op == "sparse":
         v = kw.get("vocab_size", V)
         lp = torch.log_softmax((ht @ wt[:v].T).double() / kw.get("temperature", 1.0), 1)
@@ -157,7 +161,7 @@ def _ref_sparse(z, ids, vals, labels, kw):
 
 
 def _loss_kwargs(kw):
-    skip = {"bias", "scale", "dtype"}
+    skip = {"bias", "scale", "dtype", "separated"}
     return {k: v for k, v in kw.items() if k not in skip}
 
 
