@@ -135,7 +135,7 @@ def _fsdp(rank, world, head_apart: bool):
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module")
     from torch.distributed.fsdp import fully_shard
     from kdkernels.distributed import call_as_forward, data_parallel_normalizer
-    from kdkernels.train import Objective, final_hidden, lm_parts, micro_batch_loss  # noqa: F401
+    from kdkernels.train import final_hidden, lm_parts
     from kdkernels import fused_linear_sparse_kd_loss
     model = _new_model(torch.float32)
     theta0 = {k: p.detach().clone() for k, p in model.named_parameters()}

@@ -4,10 +4,10 @@ single-process result.
 Oracle: for every quantity, max |vocab-parallel - ref64| <= 2 * max |single-process - ref64|
 + (32 ulp(fp32) + 2 ulp(output dtype)) of the quantity's scale (max |ref64|), where ref64 is a plain
 dense float64 computation of docs/semantics.md (log_softmax, autograd) on the same (for bf16 cases,
-bf16-rounded) inputs. The floor covers the one extra level of
-fp32 summation (partial sums per shard, e.g. dh = sum_r g_r W_r); a wrong shard offset, a missing
-shard or a locally-normalized softmax gives errors of the order of the scale itself. The shards are uneven on purpose (one rank holds 0 or 1
-columns), V = 1031, N = 37, some rows ignored, non-unit upstream gradients.
+bf16-rounded) inputs. The floor covers the one extra level of fp32 summation (partial sums per
+shard, e.g. dh = sum_r g_r W_r); a wrong shard offset, a missing shard or a locally normalized
+softmax gives errors of the order of the scale itself. The shards are uneven on purpose (one rank
+holds 0 or 1 columns), V = 1031, N = 37, some rows ignored, non-unit upstream gradients.
 
 One process group per world size runs every case (test_distributed_harness.py: spawning costs
 seconds on 2 cores); each rank checks its own shard and records its measurements; the parametrized
