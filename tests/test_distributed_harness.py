@@ -4,7 +4,7 @@ distributed test module; the pytest processes only read what each rank measured.
 Spawning costs seconds per process on a 2-core machine, so the vocab-parallel suite
 (test_distributed_vocab.suite) and the data-parallel suite (test_distributed_dp.suite) share one
 group per world size. A suite returns {check name: measurements or a traceback string}; an
-exception inside one check is recorded, not raised, and a 60 s collective timeout turns a hang
+exception inside one check is recorded, not raised, and a 180 s collective timeout turns a hang
 into a failure.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _worker(rank, world, port, out_dir):
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
+                            world_size=world, timeout=timedelta(seconds=180))
     res = {}
     try:
         for name in SUITES:
