@@ -138,3 +138,75 @@ def _dense_grad_kernel(xs_ptr, s_sxn, s_sxv, ws_ptr, s_swv, bs_ptr, Hs, s_cap,
     g = tl.where((gr != 0)[:, None], g * gr[:, None], 0.0)
     ptrs = out_ptr + rows[:, None] * stride_on + (cols - c_start)[None, :] * stride_ov
     tl.store(ptrs, g.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _dense_fkl_kernel(xs_ptr, s_sxn, s_sxv, ws_ptr, s_swv, bs_ptr, Hs, s_cap,
+                      xt_ptr, t_sxn, t_sxv, wt_ptr, t_swv, bt_ptr, Ht, t_cap, labels_ptr, part_ptr,
+                      N, V, inv_T, cols_per_split, n_splits,
+                      LINEAR: tl.constexpr, S_BIAS: tl.constexpr, S_CAP: tl.constexpr,
+                      T_BIAS: tl.constexpr, T_CAP: tl.constexpr, IEEE: tl.constexpr,
+                      TWO: tl.constexpr, HAS_LABEL: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Forward KL in one pass over both heads. With running maxima m_a, m_b and sums
+    s_a = sum e^(a - m_a), s_b = sum e^(b - m_b), it keeps
+        W = sum_j e^(a_j - m_a) ((a_j - m_a) - (b_j - m_b))      (terms with a_j = -inf are 0)
+    re-centred whenever a maximum moves, so KL = W / s_a - log s_a + log s_b never subtracts two
+    logit-sized numbers. part (7, N, splits) = [m_b, s_b, m_a, s_a, W, LSE(z_s), z_s[label]]."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    v0 = pid_s * cols_per_split
+    v1 = tl.minimum(v0 + cols_per_split, V)
+    m_b = tl.full((BLOCK_N,), NEG_INF, tl.float32)
+    s_b = tl.zeros((BLOCK_N,), tl.float32)
+    m_a = tl.full((BLOCK_N,), NEG_INF, tl.float32)
+    s_a = tl.zeros((BLOCK_N,), tl.float32)
+    W = tl.zeros((BLOCK_N,), tl.float32)
+    m_1 = tl.full((BLOCK_N,), NEG_INF, tl.float32)
+    s_1 = tl.zeros((BLOCK_N,), tl.float32)
+    pick = tl.zeros((BLOCK_N,), tl.float32)
+    lab = tl.full((BLOCK_N,), -1, tl.int64)
+    if HAS_LABEL:
+        lab = tl.load(labels_ptr + rows, mask=rmask, other=-1)
+    for c0 in range(v0, v1, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)
+        valid = (cols < v1)[None, :]
+        zs = head_tile(xs_ptr, s_sxn, s_sxv, ws_ptr, s_swv, bs_ptr, Hs, s_cap, rows, cols, N, V,
+                       LINEAR, S_BIAS, S_CAP, IEEE, BLOCK_N, BLOCK_V, BLOCK_H)
+        zt = head_tile(xt_ptr, t_sxn, t_sxv, wt_ptr, t_swv, bt_ptr, Ht, t_cap, rows, cols, N, V,
+                       LINEAR, T_BIAS, T_CAP, IEEE, BLOCK_N, BLOCK_V, BLOCK_H)
+        b = tl.where(valid, zs * inv_T, NEG_INF)
+        a = tl.where(valid, zt * inv_T, NEG_INF)
+        ma_new = tl.maximum(m_a, tl.max(a, 1))
+        mb_new = tl.maximum(m_b, tl.max(b, 1))
+        ma_s = tl.where(ma_new == NEG_INF, 0.0, ma_new)
+        mb_s = tl.where(mb_new == NEG_INF, 0.0, mb_new)
+        scale_a = tl.exp(m_a - ma_s)
+        # re-centre the old W on the new maxima (no old mass: nothing to move)
+        shift = tl.where(s_a > 0, (m_a - ma_s) - (m_b - mb_s), 0.0)
+        W = scale_a * (W + shift * s_a)
+        ea = tl.exp(a - ma_s[:, None])
+        term = tl.where(a > NEG_INF, ea * ((a - ma_s[:, None]) - (b - mb_s[:, None])), 0.0)
+        W += tl.sum(term, 1)
+        s_a = s_a * scale_a + tl.sum(ea, 1)
+        s_b = s_b * tl.exp(m_b - mb_s) + tl.sum(tl.exp(b - mb_s[:, None]), 1)
+        m_a = ma_new
+        m_b = mb_new
+        if TWO:
+            m_1, s_1 = lse_update(m_1, s_1, tl.where(valid, zs, NEG_INF))
+        if HAS_LABEL:
+            hit = valid & (cols[None, :] == lab[:, None])
+            pick += tl.sum(tl.where(hit, zs, 0.0), 1)
+    out = rows * n_splits + pid_s
+    plane = N * n_splits
+    tl.store(part_ptr + out, m_b, mask=rmask)
+    tl.store(part_ptr + plane + out, s_b, mask=rmask)
+    tl.store(part_ptr + 2 * plane + out, m_a, mask=rmask)
+    tl.store(part_ptr + 3 * plane + out, s_a, mask=rmask)
+    tl.store(part_ptr + 4 * plane + out, W, mask=rmask)
+    if TWO:
+        tl.store(part_ptr + 5 * plane + out, lse_finish(m_1, s_1), mask=rmask)
+    if HAS_LABEL:
+        tl.store(part_ptr + 6 * plane + out, pick, mask=rmask)

@@ -1,7 +1,8 @@
 """Host side of the triton backend's losses: the contract functions of docs/backends.md for
 kd_loss, fused_linear_kd_loss and fused_linear_sparse_kd_loss.
 
-Forward: streaming kernels only; extra memory O(N * (splits + k)) floats (the LSE/sum partials
+Forward: streaming kernels only (forward KL: one pass over both heads; other divergences: a
+LSE pass, then a pass summing f and qh); extra memory O(N * (splits + k)) floats (the LSE/sum partials
 of the vocabulary splits and the k gathered logits).
 Backward: for each chunk of the vocabulary one kernel recomputes the logit tiles (tl.dot) and
 writes the logit gradient g of that chunk, (N, chunk) with chunk * N * bytes <= opts.chunk_bytes;
@@ -19,7 +20,7 @@ import triton
 
 from ...options import LOG_TAIL_FLOOR, KDOptions, DIVERGENCES, TAILS
 from .config import Tiles, chunk_columns, linear_tiles, logits_tiles, vocab_splits
-from .dense_kernels import _dense_grad_kernel, _dense_terms_kernel, _lse_kernel
+from .dense_kernels import _dense_fkl_kernel, _dense_grad_kernel, _dense_terms_kernel, _lse_kernel
 from .sparse_kernels import _gather_kernel, _sparse_grad_kernel, _sparse_rows_kernel
 
 
@@ -114,7 +115,41 @@ def _student_lses(head: Head, n: int, v: int, labels: torch.Tensor, opts: KDOpti
 # dense teacher
 
 
+def _dense_forward_kl(s: Head, t: Head, n: int, v: int, labels: torch.Tensor, opts: KDOptions):
+    """Forward KL: one pass over both heads (_dense_fkl_kernel), splits merged here."""
+    dev = s.x.device
+    T = opts.temperature
+    has_ce = opts.ce_weight != 0
+    two = has_ce and T != 1.0
+    tiles = _tiles(s)
+    per, splits = vocab_splits(dev, n, v, tiles)
+    part = torch.empty(7, n, splits, dtype=torch.float32, device=dev)
+    grid = (triton.cdiv(n, tiles.block_n), splits)
+    _dense_fkl_kernel[grid](*s.args(), *t.args(), labels, part, n, v, 1.0 / T, per, splits,
+                            LINEAR=s.linear, S_BIAS=s.has_bias, S_CAP=s.has_cap, T_BIAS=t.has_bias,
+                            T_CAP=t.has_cap, IEEE=_ieee(s), TWO=two, HAS_LABEL=has_ce, **tiles.launch())
+    mb, sb, ma, sa, w = part[:5]
+    big_b, big_a = mb.max(1).values, ma.max(1).values
+    big_b = torch.where(big_b == -math.inf, 0.0, big_b)
+    big_a = torch.where(big_a == -math.inf, 0.0, big_a)
+    sc_a = torch.exp(ma - big_a[:, None])
+    s_b = (sb * torch.exp(mb - big_b[:, None])).sum(1)
+    s_a = (sa * sc_a).sum(1)
+    shift = torch.where(sa > 0, (ma - big_a[:, None]) - (mb - big_b[:, None]), 0.0)
+    w = (sc_a * (w + shift * sa)).sum(1)
+    lse_b, lse_a = big_b + torch.log(s_b), big_a + torch.log(s_a)
+    loss = opts.kd_scale * (w / s_a - torch.log(s_a) + torch.log(s_b))
+    lse_1 = torch.zeros_like(lse_b)
+    if has_ce:
+        lse_1 = torch.logsumexp(part[5], 1) if two else lse_b
+        loss = loss + opts.ce_weight * torch.where(labels >= 0, lse_1 - part[6].sum(1), 0.0)
+    S = torch.full_like(lse_b, -1.0)      # S = sum_j qh_j = -sum_j p_j = -1
+    return loss, torch.stack([lse_b, lse_1, lse_a, S], 1)
+
+
 def _dense_forward(s: Head, t: Head, n: int, v: int, labels: torch.Tensor, opts: KDOptions):
+    if opts.divergence == "forward_kl" and opts.kd_weight:
+        return _dense_forward_kl(s, t, n, v, labels, opts)
     T = opts.temperature
     lse_b, lse_1, ce = _student_lses(s, n, v, labels, opts)
     lse_a, _, _ = head_lse(t, n, v, T, None, two=False)
@@ -244,7 +279,7 @@ def _sparse_rows(zk, ids, vals, lse_b, v, opts: KDOptions, coef: bool):
         zk, ids, ids.stride(0), vals, vals.stride(0), lse_b, out, c, dense, n, k, v,
         1.0 / opts.temperature, opts.kd_scale / opts.temperature, lw, l1mw, LOG_TAIL_FLOOR,
         DIV=_div_code(opts), TAIL=TAILS.index(opts.tail), WEIGHTS=opts.values == "weights",
-        COEF=coef, BLOCK_N=block_n, KP=kp)
+        P_TAIL=opts.tail == "bucket" and opts.values != "weights", COEF=coef, BLOCK_N=block_n, KP=kp)
     return (c, dense) if coef else out
 
 

@@ -51,8 +51,8 @@ def _gather_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, ids_ptr, stride_in
 def _sparse_rows_kernel(zk_ptr, ids_ptr, stride_in, vals_ptr, stride_vn, lse_ptr, out_ptr, coef_ptr,
                         dense_ptr, N, K, V, inv_T, kd_coef, LOG_W, LOG_1MW, log_floor,
                         DIV: tl.constexpr, TAIL: tl.constexpr, WEIGHTS: tl.constexpr,
-                        COEF: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr):
-    """TAIL: 0 bucket, 1 renorm_teacher, 2 renorm_both. lse_ptr: full-vocabulary LSE(b) per row.
+                        P_TAIL: tl.constexpr, COEF: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr):
+    """TAIL: 0 bucket, 1 renorm_teacher, 2 renorm_both; P_TAIL = bucket and not WEIGHTS. lse_ptr: full-vocabulary LSE(b) per row.
     out (N, 4) = [LSE used for q, D, S, h_Q] (forward); coef (N, K), dense (N,) (COEF)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -66,12 +66,12 @@ def _sparse_rows_kernel(zk_ptr, ids_ptr, stride_in, vals_ptr, stride_vn, lse_ptr
     if WEIGHTS:
         lp = tl.log(lp)
     lp = tl.where(valid, lp, NEG_INF)
-    if WEIGHTS or TAIL != 0:
-        if TAIL != 0:
-            lp = lp - tl.maximum(masked_lse(lp, valid, 1), -1e30)[:, None]
-        lP = tl.full((BLOCK_N,), NEG_INF, tl.float32)
-    else:
+    if TAIL != 0:   # renormalized teacher
+        lp = lp - tl.maximum(masked_lse(lp, valid, 1), -1e30)[:, None]
+    if P_TAIL:      # bucket with log-prob values: the teacher's tail mass P = 1 - sum_K p
         lP = tl.maximum(log1mexp(masked_lse(lp, valid, 1)), log_floor)
+    else:
+        lP = tl.full((BLOCK_N,), NEG_INF, tl.float32)
     if TAIL == 2:
         lse = masked_lse(bk, valid, 1)
     else:
