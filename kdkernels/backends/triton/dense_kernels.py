@@ -136,7 +136,7 @@ def _dense_grad_kernel(xs_ptr, s_sxn, s_sxv, ws_ptr, s_swv, bs_ptr, Hs, s_cap,
         g = g * (1.0 - r * r)
     gr = tl.load(grad_rows_ptr + rows, mask=rmask, other=0.0)
     g = tl.where((gr != 0)[:, None], g * gr[:, None], 0.0)
-    ptrs = out_ptr + rows[:, None] * stride_on + (cols - c_start)[None, :] * stride_ov
+    ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_on + (cols - c_start)[None, :] * stride_ov
     tl.store(ptrs, g.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
 

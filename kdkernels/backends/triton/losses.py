@@ -233,7 +233,7 @@ def head_backward(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], n
             else:
                 dh32 += (gd @ w[c0:c1]).float()
         if need_dw:
-            torch.mm(gd.T, h, out=dw[c0:c1]) if dw[c0:c1].is_contiguous() else dw[c0:c1].copy_(gd.T @ h)
+            torch.mm(gd.T, h, out=dw[c0:c1])      # rows of our contiguous dw: contiguous
         if need_db:
             db[c0:c1] = g.sum(0).to(db.dtype)
     dh = dh32.to(h.dtype) if need_dh else None

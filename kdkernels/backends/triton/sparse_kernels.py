@@ -36,7 +36,7 @@ def _gather_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, ids_ptr, stride_in
     for h0 in range(0, H, BLOCK_H):
         kh = h0 + tl.arange(0, BLOCK_H)
         kmask = kh < H
-        hv = tl.load(h_ptr + row * stride_hn + kh, mask=kmask, other=0.0).to(tl.float32)
+        hv = tl.load(h_ptr + row.to(tl.int64) * stride_hn + kh, mask=kmask, other=0.0).to(tl.float32)
         wv = tl.load(w_ptr + safe[:, None] * stride_wv + kh[None, :],
                      mask=valid[:, None] & kmask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(wv * hv[None, :], 1)
@@ -146,5 +146,5 @@ def _sparse_grad_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, H, cap, ids_p
         g = g * (1.0 - r * r)
     gr = tl.load(grad_rows_ptr + rows, mask=rmask, other=0.0)
     g = tl.where((gr != 0)[:, None], g * gr[:, None], 0.0)
-    ptrs = out_ptr + rows[:, None] * stride_on + (cols - c_start)[None, :]
+    ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_on + (cols - c_start)[None, :]
     tl.store(ptrs, g.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])

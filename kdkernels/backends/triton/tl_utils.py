@@ -100,13 +100,15 @@ def linear_tile(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, rows, cols, N, V, H, 
     elements. Out-of-range entries hold garbage-free zeros before the bias/cap (mask them)."""
     rmask = rows < N
     cmask = cols < V
+    roff = rows.to(tl.int64)[:, None] * stride_hn     # int64: N x H or V x H may pass 2^31
+    coff = cols.to(tl.int64)[:, None] * stride_wv
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         kh = h0 + tl.arange(0, BLOCK_H)
         kmask = kh < H
-        a = tl.load(h_ptr + rows[:, None] * stride_hn + kh[None, :], mask=rmask[:, None] & kmask[None, :],
+        a = tl.load(h_ptr + roff + kh[None, :], mask=rmask[:, None] & kmask[None, :],
                     other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * stride_wv + kh[None, :], mask=cmask[:, None] & kmask[None, :],
+        w = tl.load(w_ptr + coff + kh[None, :], mask=cmask[:, None] & kmask[None, :],
                     other=0.0)
         if IEEE:
             acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
@@ -123,7 +125,8 @@ def linear_tile(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, rows, cols, N, V, H, 
 def logits_tile(x_ptr, stride_xn, stride_xv, rows, cols, N, V):
     """x[rows, cols] as fp32 (0 outside the tensor)."""
     mask = (rows < N)[:, None] & (cols < V)[None, :]
-    return tl.load(x_ptr + rows[:, None] * stride_xn + cols[None, :] * stride_xv, mask=mask,
+    offs = rows.to(tl.int64)[:, None] * stride_xn + cols.to(tl.int64)[None, :] * stride_xv
+    return tl.load(x_ptr + offs, mask=mask,
                    other=0.0).to(tl.float32)
 
 
