@@ -267,6 +267,33 @@ def _check_all_ignored(op, pg, world, rank):
                 bool(torch.isfinite(v).all())) for k, v in out.items()}
 
 
+def _check_dtensor_head(pg, world, rank):
+    """torch tensor parallelism: an LM head distributed as a DTensor with Shard(0) (torch.chunk
+    boundaries) goes in as weight.to_local() with the mesh's group; its .grad is the DTensor of the
+    single-process gradient."""
+    import kdkernels
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    kw = {"divergence": "jsd", "ce_weight": 0.5}
+    d = _data("dtensor", "sparse", kw)
+    mesh = init_device_mesh("cpu", (world,))
+    w = torch.nn.Parameter(distribute_tensor(d["ws"], mesh, [Shard(0)]))
+    h = d["hs"].clone().requires_grad_(True)
+    loss = kdkernels.fused_linear_sparse_kd_loss(h, w.to_local(), d["ids"], d["vals"],
+                                                 labels=d["labels"], process_group=mesh.get_group(),
+                                                 backend="torch", **kw)
+    loss.backward(torch.tensor(0.7))   # the upstream gradient _run_op uses
+    ref = _run_op("sparse", d, kw, torch.float64)
+    single = _run_op("sparse", d, kw, torch.float32)
+    got = {"loss": loss.detach(), "dhs": h.grad, "dws": w.grad.full_tensor()}
+    meas = {}
+    for k, r in ref.items():
+        scale = float(r.abs().max())
+        meas[k] = (float((got[k].double() - r).abs().max()),
+                   2 * float((single[k].double() - r).abs().max()) + 32 * EPS32 * scale, scale)
+    return meas
+
+
 def suite(rank, world, pg):
     """Every check of this module on one rank of a `world`-process group (test_distributed_harness)."""
     res = {}
@@ -280,6 +307,10 @@ def suite(rank, world, pg):
             res["ignored_" + op] = _check_all_ignored(op, pg, world, rank)
         except Exception:
             res["ignored_" + op] = traceback.format_exc()
+    try:
+        res["dtensor_head"] = _check_dtensor_head(pg, world, rank)
+    except Exception:
+        res["dtensor_head"] = traceback.format_exc()
     res["errors"] = _check_errors(pg, world, rank)
     return res
 
@@ -333,3 +364,12 @@ def test_bad_argument_on_one_rank_raises_everywhere(world):
     assert "hidden size" in msgs[-1], msgs[-1]
     for m in msgs[:-1]:
         assert "rejected their arguments" in m and f"[{world - 1}]" in m, m
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_dtensor_sharded_head(world):
+    for rank, res in enumerate(_results(world)):
+        meas = res["dtensor_head"]
+        assert not isinstance(meas, str), f"rank {rank} raised:\n{meas}"
+        for k, (err, tol, scale) in meas.items():
+            assert scale > 0 and err <= tol, f"rank {rank} {k}: {err:.3g} > {tol:.3g} (scale {scale:.3g})"
