@@ -49,18 +49,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "standard library's docstrings")
     p.add_argument("--out", default="kdkernels-demo", help="output directory (cache, PNG, JSON)")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per training block")
-    p.add_argument("--train-blocks", type=int, default=256, help="training blocks of seq-len tokens")
-    p.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks")
+    p.add_argument("--train-blocks", type=int, default=160, help="training blocks of seq-len tokens")
+    p.add_argument("--eval-blocks", type=int, default=24, help="held-out blocks")
     p.add_argument("--k", type=int, default=32, help="top-k slots per token in the cache")
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
-    p.add_argument("--steps", type=int, default=120, help="optimizer steps per student")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps per student")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per step")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--ce-weight", type=float, default=0.5, help="CE weight in the KD run")
     p.add_argument("--kd-weight", type=float, default=1.0, help="KD weight in the KD run")
     p.add_argument("--hidden", type=int, default=128, help="student hidden size")
     p.add_argument("--layers", type=int, default=2, help="student layers")
-    p.add_argument("--eval-every", type=int, default=20, help="held-out evaluation interval (steps)")
+    p.add_argument("--memory-tokens", type=int, default=2048,
+                   help="batch size in tokens of the fused-vs-materialized memory comparison")
+    p.add_argument("--eval-every", type=int, default=25, help="held-out evaluation interval (steps)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default=None, help="kdkernels backend (default: auto)")
@@ -89,6 +91,7 @@ def load_teacher(folder: Path):
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=GGUF_NAME)
     model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=GGUF_NAME, dtype=torch.float32)
     model.eval().requires_grad_(False)
@@ -152,14 +155,20 @@ def blocks(tok, docs: list[str], seq_len: int, n_blocks: int):
 
 
 def build_cached_examples(teacher, tok, train_docs, args, out: Path):
-    """Teacher top-k cache of the training blocks -> (examples, values kind, temperature)."""
+    """Teacher top-k cache of about train_blocks x seq_len tokens -> (examples, values kind,
+    temperature, path). The cache packs the documents (EOS after each) into seq_len pieces."""
     from . import cache as kcache
-    text_blocks = blocks(tok, train_docs, args.seq_len, args.train_blocks)
-    texts = [tok.decode(b) for b in text_blocks]
-    path = kcache.build((teacher, tok), texts, out / "cache", mode="topk", k=args.k,
-                        temperature=args.temperature, seq_len=args.seq_len)
+    need, have, docs = args.train_blocks * args.seq_len, 0, []
+    for d in train_docs:
+        docs.append(d)
+        have += len(tok(d, add_special_tokens=False)["input_ids"]) + 1
+        if have >= need:
+            break
+    path = kcache.build((teacher, tok), docs, out / "cache", mode="topk", k=args.k,
+                        temperature=args.temperature, seq_len=args.seq_len, progress=False)
     reader = kcache.open(path)
-    examples = [reader[i] for i in range(len(reader))]
+    n = min(len(reader), args.train_blocks)
+    examples = [reader[i] for i in range(n)]
     return examples, reader.values, reader.temperature, path
 
 
@@ -177,15 +186,16 @@ def make_student(teacher_config, hidden: int, layers: int, seed: int):
     return LlamaForCausalLM(cfg)
 
 
-def memory_comparison(student, batch_size: int, seq_len: int, k: int, temperature: float, backend):
+def memory_comparison(student, n_tokens: int, k: int, temperature: float, backend,
+                      chunk_bytes=None):
     """Peak extra memory (fwd + bwd) of the fused loss vs the same loss on materialized logits,
-    at the demo's micro-batch shape with random teacher slots."""
+    for a batch of n_tokens rows through the student's head, with random teacher slots."""
     import torch
     from .bench import naive
     from .bench.memory import peak_bytes
     from .losses import fused_linear_sparse_kd_loss
     w = student.get_output_embeddings().weight.detach().clone().requires_grad_(True)
-    n, (v, h) = batch_size * seq_len, w.shape
+    n, (v, h) = n_tokens, w.shape
     g = torch.Generator().manual_seed(0)
     hs = torch.randn(n, h, generator=g).requires_grad_(True)
     ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
@@ -194,7 +204,7 @@ def memory_comparison(student, batch_size: int, seq_len: int, k: int, temperatur
 
     def fused():
         fused_linear_sparse_kd_loss(hs, w, ids, vals, labels=labels, temperature=temperature,
-                                    ce_weight=0.5, backend=backend).backward()
+                                    ce_weight=0.5, backend=backend, chunk_bytes=chunk_bytes).backward()
 
     def materialized():
         naive.linear_sparse_kd_loss(hs, w, ids, vals, labels, temperature, ce_weight=0.5).backward()
@@ -310,8 +320,8 @@ def main(args) -> int:
                              train_s=time.perf_counter() - t0, final_loss=res.history[-1]["loss"])
         curves[name] = curve
 
-    say("measuring peak memory of the loss at the training micro-batch")
-    mem = memory_comparison(student, args.batch_size, args.seq_len, args.k, cache_t, args.backend)
+    say(f"measuring peak memory of the loss for a batch of {args.memory_tokens} tokens")
+    mem = memory_comparison(student, args.memory_tokens, args.k, cache_t, args.backend)
     teacher_ppl = next(iter(results.values()))["teacher_ppl"]
     print()
     print(f"Held-out: {results[next(iter(results))]['tokens']} tokens of {corpus}; teacher "

@@ -15,17 +15,21 @@ import torch
 
 def collate(examples: Sequence[dict], pad_id: int = 0, ignore_index: int = -100) -> dict:
     """Pad a list of examples (dicts with `input_ids` (L,), optional `teacher_ids`/`teacher_values`
-    (L, k), optional int `domain`) into a batch with next-token `labels`."""
+    (L, k) and `teacher_logprob_next` (L,), optional int `domain`) into a batch with next-token
+    `labels`; the same layout as kdkernels.cache.collate, plus `domain` (B,)."""
     lengths = [int(e["input_ids"].shape[0]) for e in examples]
     b, length = len(examples), max(lengths)
     ids = torch.full((b, length), pad_id, dtype=torch.long)
     mask = torch.zeros((b, length), dtype=torch.long)
     labels = torch.full((b, length), ignore_index, dtype=torch.long)
     has_teacher = "teacher_ids" in examples[0]
+    has_next = "teacher_logprob_next" in examples[0]   # cache readers store log p_teacher(x_{t+1})
     if has_teacher:
         k = max(int(e["teacher_ids"].shape[-1]) for e in examples)
         t_ids = torch.full((b, length, k), -1, dtype=torch.long)
         t_vals = torch.zeros((b, length, k), dtype=torch.float32)
+    if has_next:
+        t_next = torch.full((b, length), float("nan"), dtype=torch.float32)
     for i, (e, n) in enumerate(zip(examples, lengths)):
         x = torch.as_tensor(e["input_ids"]).long()
         ids[i, :n], mask[i, :n] = x, 1
@@ -34,9 +38,13 @@ def collate(examples: Sequence[dict], pad_id: int = 0, ignore_index: int = -100)
             ki = e["teacher_ids"].shape[-1]
             t_ids[i, :n, :ki] = torch.as_tensor(e["teacher_ids"]).long()
             t_vals[i, :n, :ki] = torch.as_tensor(e["teacher_values"]).float()
+        if has_next:
+            t_next[i, :n] = torch.as_tensor(e["teacher_logprob_next"]).float()
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     if has_teacher:
         batch["teacher_ids"], batch["teacher_values"] = t_ids, t_vals
+    if has_next:
+        batch["teacher_logprob_next"] = t_next
     if "domain" in examples[0]:
         batch["domain"] = torch.tensor([int(e["domain"]) for e in examples], dtype=torch.long)
     return batch

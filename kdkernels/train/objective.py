@@ -88,10 +88,11 @@ def micro_batch_loss(student: LMParts, batch: dict, obj: Objective, *,
 def teacher_ce_rows(batch: dict, obj: Objective, teacher: Optional[LMParts] = None) -> torch.Tensor:
     """(N,) the teacher's cross-entropy -log p(label) per row, 0 at ignored rows.
 
-    Live teacher: exact, streamed through the fused loss (CE only, T = 1). Cached top-k teacher:
-    exact when the label is among the row's ids (values are log-probs at the cache temperature),
-    else the lower bound -log(tail mass); sampled caches: -log(weight) at the label, or -log(1/draws
-    floor) when the label was not drawn (both are estimates; see docs/training.md)."""
+    Live teacher: exact, streamed through the fused loss (CE only, T = 1). Caches built by
+    kdkernels.cache store `teacher_logprob_next` = log p_teacher(label) at the cache temperature:
+    exact. Other cached slots: top-k -> exact when the label is among the ids, else the lower bound
+    -log(tail mass); sampled -> -log(weight) at the label, or -log(smallest weight) when the label
+    was not drawn (estimates; see docs/training.md)."""
     labels = batch["labels"].reshape(-1)
     counted = labels != obj.ignore_index
     if teacher is not None:
@@ -101,6 +102,9 @@ def teacher_ce_rows(batch: dict, obj: Objective, teacher: Optional[LMParts] = No
         return fused_linear_sparse_kd_loss(ht, teacher.weight.to(ht.dtype), ids, vals, labels=labels,
                                            ignore_index=obj.ignore_index, ce_weight=1.0, kd_weight=0.0,
                                            reduction="none", backend=obj.backend)
+    if "teacher_logprob_next" in batch:
+        lp = batch["teacher_logprob_next"].reshape(-1).float()
+        return torch.where(counted, -torch.nan_to_num(lp, nan=0.0), 0.0)
     ids = batch["teacher_ids"].reshape(labels.shape[0], -1)
     vals = batch["teacher_values"].reshape(labels.shape[0], -1).float()
     valid = ids >= 0
