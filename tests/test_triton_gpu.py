@@ -10,6 +10,8 @@ import torch
 
 import kdkernels
 
+pytestmark = pytest.mark.gpu
+
 
 def _cuda_triton():
     if not torch.cuda.is_available():

@@ -12,7 +12,8 @@ import _triton_util as U  # noqa: E402
 import kdkernels  # noqa: E402
 from kdkernels.options import KDOptions  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy log(0) in the interpreter
+pytestmark = [pytest.mark.interpreter,
+              pytest.mark.filterwarnings("ignore::RuntimeWarning")]  # numpy log(0) in the interpreter
 
 
 def _head(n, v, h, seed, bias=True):

@@ -21,7 +21,8 @@ import _triton_util as U  # noqa: E402
 import reference as R  # noqa: E402
 from kdkernels.options import KDOptions  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy log(0) in the interpreter
+pytestmark = [pytest.mark.interpreter,
+              pytest.mark.filterwarnings("ignore::RuntimeWarning")]  # numpy log(0) in the interpreter
 
 TEMPERATURES = (1.0, 2.0, 0.5)
 REDUCTIONS = ("mean", "sum", "none", "normalizer")

@@ -270,7 +270,7 @@ def _sparse_rows(zk, ids, vals, lse_b, v, opts: KDOptions, coef: bool):
     n, k = ids.shape
     dev = ids.device
     kp = triton.next_power_of_2(k)
-    block_n = max(1, min(64, 4096 // kp))
+    block_n = max(1, min(64, 2048 // kp))
     lw, l1mw = _mix_logs(opts)
     out = torch.empty((n, 4), dtype=torch.float32, device=dev) if not coef else zk
     c = torch.empty((n, k), dtype=torch.float32, device=dev) if coef else zk

@@ -14,7 +14,7 @@ Mixing weights travel as LOG_W = log w and LOG_1MW = log(1 - w) with w = beta (j
 import triton
 import triton.language as tl
 
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))   # jit code reads only constexpr globals
 
 
 # ------------------------------------------------------------------------------------------------
