@@ -24,6 +24,7 @@ TORCH_LIBRARY(kdkernels_native, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("linear_topk(Tensor h, Tensor w, Tensor? b, int k, float[] fopts, int[] iopts) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("linear_sample(Tensor h, Tensor w, Tensor? b, Tensor u, float[] fopts, int[] iopts) -> (Tensor, Tensor)");
 }
 
 #define KD_REGISTER_ALL(m, IMPL)                                          \
@@ -33,7 +34,8 @@ TORCH_LIBRARY(kdkernels_native, m) {
   m.impl("linear_kd_backward", &IMPL::linear_kd_backward);                \
   m.impl("linear_sparse_kd_forward", &IMPL::linear_sparse_kd_forward);    \
   m.impl("linear_sparse_kd_backward", &IMPL::linear_sparse_kd_backward);  \
-  m.impl("linear_topk", &IMPL::linear_topk);
+  m.impl("linear_topk", &IMPL::linear_topk);                              \
+  m.impl("linear_sample", &IMPL::linear_sample);
 
 TORCH_LIBRARY_IMPL(kdkernels_native, CPU, m) { KD_REGISTER_ALL(m, kdkernels::Ops<kdkernels::CpuEpi>) }
 

@@ -15,6 +15,7 @@ TORCH_LIBRARY_IMPL(kdkernels_native, CUDA, m) {
   m.impl("linear_sparse_kd_forward", &Impl::linear_sparse_kd_forward);
   m.impl("linear_sparse_kd_backward", &Impl::linear_sparse_kd_backward);
   m.impl("linear_topk", &Impl::linear_topk);
+  m.impl("linear_sample", &Impl::linear_sample);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

@@ -2,7 +2,7 @@
 // CPU), one epilogue per chunk from `Epi` (CpuEpi or CudaEpi, csrc/epilogue.h).
 //
 // A chunk holds all N rows and W vocabulary columns, W chosen so the chunk's logits (and gradient)
-// fit Params::chunk_bytes (never below 128 columns). Per chunk [v0, v0 + W):
+// fit Params::chunk_bytes (never below 32 columns). Per chunk [v0, v0 + W):
 //   forward   z_c = h @ W_c^T + b_c              epilogue: running LSE / gathered ids / top-k / terms
 //   backward  z_c recomputed, g_c = epilogue     dh += g_c @ W_c,  dW_c = g_c^T @ h,  db_c = sum g_c
 // The dense-teacher forward needs the final LSEs before the terms: a second pass over the chunks
@@ -75,15 +75,17 @@ inline int64_t chunk_cols(int64_t n, int64_t v, int64_t bytes_per_cell, int64_t 
   const int64_t per_col = std::max<int64_t>(1, n * bytes_per_cell);
   int64_t w = budget / per_col;
   if (w >= v) return v;
-  w = std::max<int64_t>(128, (w / 64) * 64);
+  w = std::max<int64_t>(32, (w / 32) * 32);  // a floor that keeps GEMMs reasonable
   return std::min(w, v);
 }
 
+// z_c = h @ W_c^T + b_c in the inputs' dtype, rounded as naive PyTorch rounds it (GEMM, then the
+// bias add), which is what the accuracy oracle of the tests assumes. LM heads rarely have a bias.
 inline Tensor head_logits(const Tensor& h, const Tensor& w, const c10::optional<Tensor>& b, int64_t v0,
                           int64_t cols) {
-  const Tensor wc = w.narrow(0, v0, cols);
-  if (b.has_value() && b->defined()) return at::addmm(b->narrow(0, v0, cols), h, wc.t());
-  return at::mm(h, wc.t());
+  Tensor z = at::mm(h, w.narrow(0, v0, cols).t());
+  if (b.has_value() && b->defined()) z.add_(b->narrow(0, v0, cols));
+  return z;
 }
 
 // Same dtype for student and teacher chunks: promote both to the accumulation dtype if they differ.
@@ -386,6 +388,49 @@ Tensors3 linear_topk(const Tensor& h, const Tensor& w, const c10::optional<Tenso
   Tensor lse = st.select(1, 0) + st.select(1, 1).log();
   Tensor lp = tv - lse.unsqueeze(1);
   return {lp.to(at::kFloat), ti, lse.to(at::kFloat)};
+}
+
+// ---------------------------------------------------------------------------------------------
+// linear_sample: inverse CDF of softmax(z / T) at sorted uniforms u (float64), chunk by chunk.
+// Pass 1: LSE (the lse epilogue). Pass 2 per chunk: cdf_c = carry + cumsum(exp(z_c / T - LSE))
+// in float64; draw r lands in the chunk when u_r < cdf_c[last]; its id is v0 + #{cdf_c <= u_r}.
+// (u is compared with the CDF as is, i.e. scaled by 1 instead of the rounded total CDF(V-1).)
+// ATen ops only: the sampling epilogue is a batched searchsorted.
+
+template <class Epi>
+Tensors2 linear_sample(const Tensor& h, const Tensor& w, const c10::optional<Tensor>& b, const Tensor& u_in,
+                       const Params& p_in) {
+  const char* op = "kdkernels_native::linear_sample";
+  check_head(op, "hidden", h, "weight", w, "bias", b);
+  const int64_t n = h.size(0), v = w.size(0);
+  TORCH_CHECK(u_in.dim() == 2 && u_in.size(0) == n, op, ": uniforms must be (", n, ", draws), got ",
+              u_in.sizes());
+  check_rows(op, "uniforms", u_in, n, h);
+  Params p = p_in;
+  p.ce_weight = 0.0;
+  const auto o = h.options().dtype(acc_dtype(h));
+  const Tensor u = u_in.to(at::kDouble).contiguous();
+  const Tensor no_labels = at::full({n}, -1, h.options().dtype(at::kLong));
+  const int64_t cols = chunk_cols(n, v, h.element_size() + 3 * 8, p.chunk_bytes);
+  Tensor st = lse_state(n, o);
+  for (int64_t v0 = 0; v0 < v; v0 += cols) {
+    const int64_t c = std::min(cols, v - v0);
+    Epi::lse_update(head_logits(h, w, b, v0, c), Tensor(), v0, no_labels, st, p);
+  }
+  const Tensor lse = lse_col(st, 0);
+  const Tensor lse64 = lse.to(at::kDouble).unsqueeze(1);
+  Tensor out = at::full(u.sizes(), v, h.options().dtype(at::kLong));
+  Tensor carry = at::zeros({n, 1}, o.dtype(at::kDouble));
+  for (int64_t v0 = 0; v0 < v; v0 += cols) {
+    const int64_t c = std::min(cols, v - v0);
+    Tensor z = head_logits(h, w, b, v0, c).to(at::kDouble);
+    if (p.cap_s > 0) z = at::tanh(z / p.cap_s) * p.cap_s;
+    Tensor cdf = at::cumsum(at::exp(z / p.temperature - lse64), 1) + carry;
+    Tensor idx = at::searchsorted(cdf, u, /*out_int32=*/false, /*right=*/true);
+    out = at::where((idx < c) & (out == v), idx + v0, out);
+    carry = cdf.narrow(1, c - 1, 1);
+  }
+  return {out.clamp_max_(v - 1), lse.to(at::kFloat)};
 }
 
 }  // namespace driver

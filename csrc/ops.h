@@ -83,6 +83,11 @@ struct Ops {
       c10::IntArrayRef i) {
     return driver::linear_topk<Epi>(h, w, b, k, params_from(f, i));
   }
+  static std::tuple<at::Tensor, at::Tensor> linear_sample(const at::Tensor& h, const at::Tensor& w,
+                                                          const OptTensor& b, const at::Tensor& u,
+                                                          c10::ArrayRef<double> f, c10::IntArrayRef i) {
+    return driver::linear_sample<Epi>(h, w, b, u, params_from(f, i));
+  }
 };
 
 // Shapes and dtypes only (symbolic sizes allowed).
@@ -141,6 +146,12 @@ struct MetaOps {
     return {at::empty_symint({h.sym_size(0), c10::SymInt(k)}, o),
             at::empty_symint({h.sym_size(0), c10::SymInt(k)}, h.options().dtype(at::kLong)),
             at::empty_symint({h.sym_size(0)}, o)};
+  }
+  static std::tuple<at::Tensor, at::Tensor> linear_sample(const at::Tensor& h, const at::Tensor&,
+                                                          const OptTensor&, const at::Tensor& u,
+                                                          c10::ArrayRef<double>, c10::IntArrayRef) {
+    return {at::empty_symint(u.sym_sizes(), h.options().dtype(at::kLong)),
+            at::empty_symint({h.sym_size(0)}, h.options().dtype(at::kFloat))};
   }
 };
 

@@ -114,36 +114,68 @@ void row_terms(const T* x, const T* t, int64_t w, F inv_t, F cap_s, F cap_t, F l
   s_out = static_cast<F>(st);
 }
 
+template <class Fn>
+void with_flag(bool flag, Fn&& fn) {
+  if (flag) fn(std::true_type{});
+  else fn(std::false_type{});
+}
+
+// Gradients are formed in a float block buffer by an `omp simd` loop, the one-hot CE term is
+// subtracted at the label afterwards, and a plain loop converts to the output dtype.
+template <class T, class F>
+void store_block(T* out, F* buf, int64_t n, int64_t y, F onehot) {
+  if (y >= 0 && y < n) buf[y] -= onehot;
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<T>(buf[j]);
+}
+
 // out_j = [kd part + ce (softmax_j - [j = y])] dz/dx_j * scale, the dense-teacher gradient
-template <int DIV, bool CS, bool CT, class T, class F>
-void row_dense_grad(const T* x, const T* t, T* out, int64_t w, bool kd, F inv_t, F cap_s, F cap_t,
-                    F c_kd, F lse_b, F lse_1, F lse_a, F S, F ce, int64_t y, F scale,
-                    const Mix<F>& mix) {
+template <int DIV, bool CS, bool CT, bool KD, bool CE, class T, class F>
+void row_dense_grad(const T* x, const T* t, T* out, int64_t w, F inv_t, F cap_s, F cap_t, F c_kd,
+                    F lse_b, F lse_1, F lse_a, F S, F ce, int64_t y, F scale, const Mix<F>& mix_ref) {
+  const Mix<F> mix = mix_ref;
+  alignas(64) F buf[kBlock];
+  for (int64_t b = 0; b < w; b += kBlock) {
+    const int64_t n = std::min(w, b + kBlock) - b;
+    const T* xb = x + b;
+    const T* tb = KD ? t + b : nullptr;
 #pragma omp simd
-  for (int64_t j = 0; j < w; ++j) {
-    const F z = cap_<CS>(static_cast<F>(x[j]), cap_s);
-    F v = F(0);
-    if (kd) {
-      const F lq = z * inv_t - lse_b;
-      const F lp = cap_<CT>(static_cast<F>(t[j]), cap_t) * inv_t - lse_a;
-      const Terms<F> e = element_terms<DIV, F>(lp, lq, mix);
-      v = c_kd * (e.qh - exp_(lq) * S);
+    for (int64_t j = 0; j < n; ++j) {
+      const F z = cap_<CS>(static_cast<F>(xb[j]), cap_s);
+      F v = F(0);
+      if constexpr (KD) {
+        const F lq = z * inv_t - lse_b;
+        const F lp = cap_<CT>(static_cast<F>(tb[j]), cap_t) * inv_t - lse_a;
+        const Terms<F> e = element_terms<DIV, F>(lp, lq, mix);
+        v = c_kd * (e.qh - exp_(lq) * S);
+      }
+      if constexpr (CE) v += ce * exp_(z - lse_1);  // (lse_1 is only meaningful with a CE term)
+      buf[j] = v * cap_grad_<CS>(z, cap_s) * scale;
     }
-    v += ce * (exp_(z - lse_1) - (j == y ? F(1) : F(0)));
-    out[j] = static_cast<T>(v * cap_grad_<CS>(z, cap_s) * scale);
+    const int64_t yb = y - b;
+    const F onehot = (yb >= 0 && yb < n) ? ce * cap_grad_<CS>(cap_<CS>(static_cast<F>(xb[yb]), cap_s), cap_s) * scale : F(0);
+    store_block(out + b, buf, n, yb, onehot);
   }
 }
 
 // out_j = [dense q_j + ce (softmax_j - [j = y])] dz/dx_j * scale, the sparse gradient off the ids
-template <bool CS, class T, class F>
-void row_sparse_dense(const T* x, T* out, int64_t w, bool dense_tail, F inv_t, F cap, F dense, F lse,
-                      F lse_1, F ce, int64_t y, F scale) {
+template <bool CS, bool DENSE, bool CE, class T, class F>
+void row_sparse_dense(const T* x, T* out, int64_t w, F inv_t, F cap, F dense, F lse, F lse_1, F ce,
+                      int64_t y, F scale) {
+  alignas(64) F buf[kBlock];
+  for (int64_t b = 0; b < w; b += kBlock) {
+    const int64_t n = std::min(w, b + kBlock) - b;
+    const T* xb = x + b;
 #pragma omp simd
-  for (int64_t j = 0; j < w; ++j) {
-    const F z = cap_<CS>(static_cast<F>(x[j]), cap);
-    const F q = dense_tail ? exp_(z * inv_t - lse) : F(0);
-    const F val = dense * q + ce * (exp_(z - lse_1) - (j == y ? F(1) : F(0)));
-    out[j] = static_cast<T>(val * cap_grad_<CS>(z, cap) * scale);
+    for (int64_t j = 0; j < n; ++j) {
+      const F z = cap_<CS>(static_cast<F>(xb[j]), cap);
+      F v = F(0);
+      if constexpr (CE) v += ce * exp_(z - lse_1);
+      if constexpr (DENSE) v += dense * exp_(z * inv_t - lse);
+      buf[j] = v * cap_grad_<CS>(z, cap) * scale;
+    }
+    const int64_t yb = y - b;
+    const F onehot = (yb >= 0 && yb < n) ? ce * cap_grad_<CS>(cap_<CS>(static_cast<F>(xb[yb]), cap), cap) * scale : F(0);
+    store_block(out + b, buf, n, yb, onehot);
   }
 }
 
@@ -238,8 +270,13 @@ void CpuEpi::dense_grad(const Tensor& xs, const Tensor& xt, int64_t v0, const Te
         const F ce = lab[r] >= 0 ? ce_w : F(0);
         with_cap(p.cap_s, [&](auto cs) {
           with_cap(p.cap_t, [&](auto ct) {
-            row_dense_grad<DIV, decltype(cs)::value, decltype(ct)::value, T, F>(
-                x, t, out, w, kd, inv_t, cap_s, cap_t, c_kd, lse_b, lse_1, lse_a, S, ce, y, scale, mix);
+            with_flag(kd, [&](auto has_kd) {
+              with_flag(ce != F(0), [&](auto has_ce) {
+                row_dense_grad<DIV, decltype(cs)::value, decltype(ct)::value, decltype(has_kd)::value,
+                               decltype(has_ce)::value>(x, t, out, w, inv_t, cap_s, cap_t, c_kd, lse_b,
+                                                        lse_1, lse_a, S, ce, y, scale, mix);
+              });
+            });
           });
         });
       });
@@ -332,8 +369,12 @@ void CpuEpi::sparse_grad(const Tensor& xs, int64_t v0, const Tensor& ids, const 
           const F ce = lab[r] >= 0 ? ce_w : F(0);
           // g_j = [c_kd (q_j (hQ - S) + corr_j) + ce (softmax_j - [j = y])] dz/dx_j * grad_row
           with_cap(p.cap_s, [&](auto cs) {
-            row_sparse_dense<decltype(cs)::value, T, F>(x, out, w, dense_tail, inv_t, cap, dense, lse,
-                                                        lse_1, ce, y, scale);
+            with_flag(dense_tail, [&](auto has_dense) {
+              with_flag(ce != F(0), [&](auto has_ce) {
+                row_sparse_dense<decltype(cs)::value, decltype(has_dense)::value, decltype(has_ce)::value>(
+                    x, out, w, inv_t, cap, dense, lse, lse_1, ce, y, scale);
+              });
+            });
           });
           if (!kd) return;
           for (int64_t i = 0; i < k; ++i) {  // the k valid ids: rewrite with the correction
@@ -344,8 +385,8 @@ void CpuEpi::sparse_grad(const Tensor& xs, int64_t v0, const Tensor& ids, const 
             const F q = dense_tail ? exp_(b - lse) : F(0);
             const F corr = sparse_correction<DIV, F, VT>(b, v[r * k + i], lse, lnorm, S, hQ, tail,
                                                          p.weights, mix);
-            const F val = c_kd * ((hQ - S) * (dense_tail ? F(1) : F(0)) * q + corr) +
-                          ce * (exp_(z - lse_1) - (j == y ? F(1) : F(0)));
+            F val = c_kd * ((hQ - S) * (dense_tail ? F(1) : F(0)) * q + corr);
+            if (ce != F(0)) val += ce * (exp_(z - lse_1) - (j == y ? F(1) : F(0)));
             out[j] = static_cast<T>(val * softcap_grad(z, cap) * scale);
           }
         });

@@ -113,7 +113,7 @@ __global__ void dense_grad_kernel(const T* xs, int64_t lds, const T* xt, int64_t
       const Terms<F> e = element_terms<DIV, F>(lp, lq, mix);
       v = c_kd * (e.qh - exp_(lq) * S);
     }
-    v += ce * (exp_(z - lse_1) - (j == y ? F(1) : F(0)));
+    if (ce != F(0)) v += ce * (exp_(z - lse_1) - (j == y ? F(1) : F(0)));  // lse_1 only valid with CE
     out[j] = static_cast<T>(v * softcap_grad(z, cap_s) * scale);
   }
 }
@@ -161,7 +161,8 @@ __global__ void sparse_grad_kernel(const T* xs, int64_t lds, int64_t w, int64_t 
   for (int64_t j = threadIdx.x; j < w; j += blockDim.x) {
     const F z = softcap(static_cast<F>(x[j]), cap);
     const F q = dense_tail ? exp_(z * inv_t - lse) : F(0);
-    const F val = dense * q + ce * (exp_(z - lse_1) - (j == y ? F(1) : F(0)));
+    F val = dense * q;
+    if (ce != F(0)) val += ce * (exp_(z - lse_1) - (j == y ? F(1) : F(0)));
     out[j] = static_cast<T>(val * softcap_grad(z, cap) * scale);
   }
   if (!kd) return;
@@ -173,8 +174,8 @@ __global__ void sparse_grad_kernel(const T* xs, int64_t lds, int64_t w, int64_t 
     const F b = z * inv_t;
     const F q = dense_tail ? exp_(b - lse) : F(0);
     const F corr = sparse_correction<DIV, F, VT>(b, vals[r * k + i], lse, lnorm, S, hQ, tail, weights, mix);
-    const F val = c_kd * ((dense_tail ? (hQ - S) : F(0)) * q + corr) +
-                  ce * (exp_(z - lse_1) - (j == y ? F(1) : F(0)));
+    F val = c_kd * ((dense_tail ? (hQ - S) : F(0)) * q + corr);
+    if (ce != F(0)) val += ce * (exp_(z - lse_1) - (j == y ? F(1) : F(0)));
     out[j] = static_cast<T>(val * softcap_grad(z, cap) * scale);
   }
 }

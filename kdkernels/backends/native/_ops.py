@@ -65,5 +65,4 @@ def linear_topk(h, w, b, k: int, opts: KDOptions):
 
 
 def linear_sample(h, w, b, uniforms, opts: KDOptions):
-    raise NotImplementedError("backend='native' does not implement linear_sample; use backend='torch' "
-                              "or 'triton' for it")
+    return tuple(_ops(h.device).linear_sample(h, w, b, uniforms, *options_lists(opts)))

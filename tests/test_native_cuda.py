@@ -1,0 +1,97 @@
+"""The native backend's CUDA kernels (csrc/cuda/) on a GPU: the public API with backend="native" on
+CUDA tensors against the float64 formulas (conftest `kd.check`, bound 2x naive + floor) and against
+the torch backend. Every test skips without a CUDA device (checked inside the test, never at
+collection). The first test that runs builds the CUDA extension (a few minutes) unless it is cached.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reference as R
+
+pytestmark = [pytest.mark.gpu, pytest.mark.native]
+
+
+def _need_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from kdkernels.backends import native
+    why = native.availability("cuda")
+    if why is not None:
+        pytest.skip(f"native CUDA build unavailable: {why}")
+
+
+def _to_cuda(case):
+    case.tensors = {k: t.cuda() for k, t in case.tensors.items()}
+    return case
+
+
+@pytest.mark.parametrize("form", R.FORMS)
+def test_forms_fp32(kd, form):
+    _need_cuda()
+    for div in R.DIVERGENCES:
+        if R.rejected(form, div):
+            continue
+        case = _to_cuda(kd.make_case(form, n=37, v=1031, k=16, temperature=1.5, seed=11,
+                                     bias=form != "logits",
+                                     student_softcap=20.0 if form != "logits" else None))
+        labels = kd.make_labels(case.n, case.v, "some").cuda()
+        opts = dict(divergence=div, temperature=1.5, labels=labels, backend="native", reduction="none",
+                    ce_weight=0.2, chunk_bytes=37 * 4 * 96)
+        go = kd.upstream("none", (case.n,)).cuda()
+        try:
+            kd.check(case, opts, go)
+        except AssertionError as e:
+            raise AssertionError(f"{div}: {e}") from None
+
+
+@pytest.mark.parametrize("form", ["logits", "linear", "sparse:logprobs:bucket", "sparse:weights:renorm_both"])
+def test_bf16(kd, form):
+    _need_cuda()
+    case = _to_cuda(kd.make_case(form, n=64, v=4099, h_s=64, h_t=96, k=32, dtype=torch.bfloat16, seed=2))
+    labels = kd.make_labels(case.n, case.v, "some").cuda()
+    for div in ("forward_kl", "jsd"):
+        kd.check(case, dict(divergence=div, labels=labels, backend="native", ce_weight=0.1,
+                            chunk_bytes=64 * 2 * 512), kd.upstream("mean", ()).cuda())
+
+
+def test_all_ignored_and_nan_rows(kd):
+    _need_cuda()
+    import kdkernels
+    zs = (torch.randn(8, 513, device="cuda") * 3).requires_grad_(True)
+    zt = torch.randn(8, 513, device="cuda")
+    labels = torch.full((8,), -100, device="cuda")
+    loss = kdkernels.kd_loss(zs, zt, labels=labels, backend="native")
+    loss.backward()
+    assert loss.item() == 0 and (zs.grad == 0).all()
+
+
+def test_topk_matches_torch():
+    _need_cuda()
+    import kdkernels
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(33, 64, generator=g).cuda()
+    w = torch.randn(5003, 64, generator=g).cuda()
+    w[4000:4010] = w[7]
+    for k in (1, 17, 64):
+        ref = kdkernels.linear_topk(h, w, k, temperature=0.8, backend="torch")
+        got = kdkernels.linear_topk(h, w, k, temperature=0.8, backend="native", chunk_bytes=33 * 4 * 700)
+        torch.testing.assert_close(got.logprobs, ref.logprobs, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.logsumexp, ref.logsumexp, rtol=1e-5, atol=1e-5)
+        lp = torch.log_softmax((h @ w.T) / 0.8, -1)
+        torch.testing.assert_close(got.logprobs, lp.gather(1, got.ids), rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck_cuda():
+    _need_cuda()
+    opcheck = getattr(torch.library, "opcheck", None)
+    if opcheck is None:
+        pytest.skip("torch.library.opcheck needs torch >= 2.4")
+    from test_native_cpu import _sample_args
+    from kdkernels.backends.native import _loader
+    _loader.load(cuda=True)
+    ops = torch.ops.kdkernels_native
+    for name, args in _sample_args(ops).items():
+        cuda_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+        opcheck(getattr(ops, name).default, cuda_args)
