@@ -2,13 +2,11 @@
 for tied and untied heads, LM-head bias, Gemma-2 final softcapping, Cohere/Granite logit scaling;
 bf16 teachers; loading from a local directory; the real SmolLM2 GGUF teacher (slow)."""
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-import kdkernels
 from kdkernels import teacher as T
 
 transformers = pytest.importorskip("transformers")

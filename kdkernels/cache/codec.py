@@ -37,12 +37,6 @@ SCALAR_NAN = 65535
 VALUE_CODE_MAX = 65535
 
 
-def bit_length(x: np.ndarray) -> np.ndarray:
-    """Number of bits of nonnegative integers (0 -> 0), exact."""
-    x = np.asarray(x, dtype=np.int64)
-    return np.where(x > 0, np.frexp(x.astype(np.float64))[1], 0).astype(np.int64)
-
-
 def quantize_scalar(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     code = np.clip(np.rint(-np.minimum(x, 0.0) / SCALAR_STEP), 0, SCALAR_NAN - 1)
