@@ -42,7 +42,9 @@ def _dist_context():
     if world > 1:
         if not dist.is_available():
             raise RuntimeError("WORLD_SIZE > 1 but torch.distributed is not available")
-        dist.init_process_group("gloo")
+        from datetime import timedelta
+        # ranks meet only at the start and the end; a resumed build can leave some idle for long
+        dist.init_process_group("gloo", timeout=timedelta(days=1))
         return dist.get_rank(), dist.get_world_size(), dist, True
     return 0, 1, None, False
 
