@@ -281,3 +281,23 @@ def test_data_sources_jsonl_text_dataset_and_unpacked(tmp_path):
     assert tokenize([Path(tmp_path / "ds")], tok, 8).digest == strings.digest
     ids_only = tokenize([[5, 6, 7], [8]], None, 8)
     assert ids_only[0].tolist() == [5, 6, 7, 8]
+
+
+def test_cli_build_inspect_and_refusal(tiny, tmp_path, capsys):
+    from pathlib import Path
+    from kdkernels.cli import main
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    data = tmp_path / "d.txt"
+    data.write_text(_texts(1)[0])
+    args = ["cache", "build", str(tmp_path / "teacher"), str(data), "-o", str(tmp_path / "c"),
+            "--k", "4", "--seq-len", "64", "--no-progress"]
+    assert main(args) == 0
+    assert "bytes/entry" in capsys.readouterr().out
+    assert main(args[:-1] + ["--temperature", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "different settings" in err and "temperature: cache has 1.0, this build asks for 2.0" in err
+    assert main(["cache", "inspect", str(tmp_path / "c"), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["k"] == 4 and s["teacher"] == str(Path(tmp_path / "teacher").resolve())
