@@ -27,7 +27,7 @@ SWEEPS = {  # (device_type, size) -> settings
 }
 CASES = {
     "foundation": dict(ops=("sparse_kd",), n=(4096,), v=(131072,), h=256, k=64, dtype="float32",
-                       reps=3, modes=("fwd_bwd",), providers=("naive", "kdkernels-torch"),
+                       reps=2, modes=("fwd_bwd",), providers=("naive", "kdkernels-torch"),
                        device="cpu"),
 }
 
@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, help="timed repetitions per row")
     p.add_argument("--compile", action="store_true",
                    help="include torch.compile of naive on CPU (always included on CUDA)")
+    p.add_argument("--build-native", action="store_true",
+                   help="let the native backend JIT-build its extension if it is not built yet")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="stop timing a row after this many seconds of calls")
@@ -73,8 +75,17 @@ def _settings(args) -> dict:
     return s
 
 
+def _native_built(device_type: str) -> bool:
+    try:
+        from ..backends import native
+    except ImportError:
+        return False
+    return native.is_loaded_or_prebuilt() if device_type == "cpu" else \
+        getattr(native, "_prebuilt", lambda cuda: False)(True)
+
+
 def run(s: dict, *, compile_on_cpu: bool = False, memory: bool = True, max_seconds: float = 20.0,
-        log=print) -> list[dict]:
+        build_native: bool = False, log=print) -> list[dict]:
     import torch
     from .env import environment
     from .harness import time_ms
@@ -89,6 +100,8 @@ def run(s: dict, *, compile_on_cpu: bool = False, memory: bool = True, max_secon
         if p.name == "naive_compile" and dev == "cpu" and not compile_on_cpu and not s.get("providers"):
             continue
         why = p.why_not(dev)
+        if why is None and p.name == "kdkernels-native" and not build_native and not _native_built(dev):
+            why = "the extension is not built yet (a JIT build takes minutes; pass --build-native)"
         if why is not None:
             log(f"skip {p.name}: {why}")
             continue
@@ -111,11 +124,12 @@ def run(s: dict, *, compile_on_cpu: bool = False, memory: bool = True, max_secon
                                    gemm_ms=gemm_ms, status="ok")
                         try:
                             fn = runner(case, inp, p, backward=mode == "fwd_bwd")
-                            t = time_ms(fn, dev, reps=s["reps"], max_seconds=max_seconds)
+                            if memory:   # this first call doubles as the warm-up
+                                row["peak_mib"] = peak_bytes(fn, dev) / 2 ** 20
+                            t = time_ms(fn, dev, reps=s["reps"], warmup=0 if memory else 1,
+                                        max_seconds=max_seconds)
                             row.update(median_ms=t["median"], p20_ms=t["p20"], p80_ms=t["p80"],
                                        reps=t["reps"], x_floor=t["median"] / floor if floor else None)
-                            if memory:
-                                row["peak_mib"] = peak_bytes(fn, dev) / 2 ** 20
                         except torch.OutOfMemoryError:
                             row["status"] = "oom"
                         except Exception as e:  # noqa: BLE001 - a provider failing is a result
@@ -157,7 +171,8 @@ def main(args) -> int:
     print(f"kdkernels bench on {s['device']}: ops {list(s['ops'])}, N {list(s['n'])}, "
           f"V {list(s['v'])}, H {s['h']}, {s['dtype']}", flush=True)
     rows = run(s, compile_on_cpu=args.compile, memory=not args.no_memory,
-               max_seconds=args.max_seconds, log=lambda m: print(m, flush=True))
+               max_seconds=args.max_seconds, build_native=args.build_native,
+               log=lambda m: print(m, flush=True))
     write_csv(rows, out / "results.csv")
     md = markdown(rows)
     if args.case == "foundation":

@@ -1,0 +1,133 @@
+"""Minimal distillation training loop with the fused losses (read it top to bottom).
+
+    # 1. cache the teacher once          (kdkernels cache build --help)
+    # 2. distill a student from it:
+    python python/train_minimal.py --cache my-cache --student path/or/config.json --steps 1000
+    # or with a live teacher instead of a cache:
+    python python/train_minimal.py --teacher path/to/teacher --data docs.txt --student ...
+
+The student's full logits are never computed: the body gives the final hidden states and the fused
+loss multiplies them by the LM head's weight block by block. `kdkernels.train.train` is the same
+loop with DDK and more options; this file keeps only the essentials.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import kdkernels
+from kdkernels.train import collate, lm_parts, final_hidden
+
+
+def load_student(spec: str):
+    """A local model directory, or a config.json to build a fresh student from."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    p = Path(spec)
+    if p.suffix == ".json":
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(p)))
+    return AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
+
+
+def kd_loss(student, batch, teacher, args, normalizer):
+    """sum over counted tokens of [kd * T^2 * KL(p_teacher || q_student) + ce * CE] / normalizer."""
+    s = lm_parts(student)
+    h = final_hidden(s, batch["input_ids"], batch["attention_mask"])        # (B, L, H)
+    w = s.weight if s.weight.dtype == h.dtype else s.weight.to(h.dtype)     # bf16 under autocast
+    common = dict(labels=batch["labels"], temperature=args.temperature, ce_weight=args.ce_weight,
+                  kd_weight=args.kd_weight, normalizer=normalizer)
+    if teacher is None:                      # cached teacher: k (id, log-prob) slots per token
+        return kdkernels.fused_linear_sparse_kd_loss(h, w, batch["teacher_ids"], batch["teacher_values"],
+                                                     values=args.values, **common)
+    t = lm_parts(teacher)                    # live teacher: its hidden states, no grad
+    with torch.no_grad():
+        ht = final_hidden(t, batch["input_ids"], batch["attention_mask"])
+    return kdkernels.fused_linear_kd_loss(h, w, ht, t.weight.to(ht.dtype), **common)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--student", required=True, help="model directory or config.json")
+    ap.add_argument("--cache", help="a kdkernels teacher cache directory")
+    ap.add_argument("--teacher", help="a teacher model directory (live teacher, instead of --cache)")
+    ap.add_argument("--data", nargs="*", help="text files (with --teacher)")
+    ap.add_argument("--tokenizer", help="tokenizer directory (default: --teacher)")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--kd-weight", type=float, default=1.0)
+    ap.add_argument("--ce-weight", type=float, default=0.0)
+    ap.add_argument("--out", default="student-ckpt")
+    ap.add_argument("--save-every", type=int, default=200)
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+
+    # ---- data: cache reader items, or tokenized text with a live teacher -------------------------
+    teacher, args.values = None, "logprobs"
+    if args.cache:
+        from kdkernels import cache
+        reader = cache.open(args.cache)
+        data = [reader[i] for i in range(len(reader))]
+        args.values, args.temperature = reader.values, reader.temperature   # must match the cache
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        teacher = AutoModelForCausalLM.from_pretrained(args.teacher).to(device).eval().requires_grad_(False)
+        tok = AutoTokenizer.from_pretrained(args.tokenizer or args.teacher)
+        ids = [t for f in args.data for t in tok(Path(f).read_text())["input_ids"] + [tok.eos_token_id]]
+        data = [{"input_ids": torch.tensor(ids[i:i + args.seq_len])}
+                for i in range(0, len(ids) - 1, args.seq_len)]
+
+    # ---- model, optimizer, resume ----------------------------------------------------------------
+    student = load_student(args.student).to(device).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    step, ckpt = 0, Path(args.out) / "checkpoint.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        student.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        print(f"resumed at step {step}")
+
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    t0, tokens = time.perf_counter(), 0
+    while step < args.steps:
+        # the examples of this step are a function of the step number: resuming needs no sampler state
+        g = torch.Generator().manual_seed(step)
+        micro = [collate([data[int(i)] for i in torch.randint(len(data), (args.batch_size,), generator=g)])
+                 for _ in range(args.grad_accum)]
+        # global normalizer: counted tokens of ALL micro-batches, so accumulation = one big batch
+        n = sum(int((b["labels"] != -100).sum()) for b in micro)
+        normalizer = torch.tensor(float(max(n, 1)), device=device)
+        opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=device)
+        for b in micro:
+            b = {k: v.to(device) for k, v in b.items() if torch.is_tensor(v)}
+            with torch.autocast(**autocast):
+                loss = kd_loss(student, b, teacher, args, normalizer)
+            loss.backward()
+            total += loss.detach()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        for group in opt.param_groups:   # cosine decay to 10%
+            group["lr"] = args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / args.steps)))
+        opt.step()
+        step, tokens = step + 1, tokens + n
+        if step % 10 == 0 or step == args.steps:
+            dt = time.perf_counter() - t0
+            mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+            print(f"step {step}  loss {float(total):.4f}  {tokens / dt:.0f} tok/s  peak {mem:.2f} GiB")
+            t0, tokens = time.perf_counter(), 0
+        if step % args.save_every == 0 or step == args.steps:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step},
+                       ckpt)
+
+
+if __name__ == "__main__":
+    main()
