@@ -16,8 +16,8 @@ from .common import row_block
 from .dense import linear_logits
 
 
-def topk_smallest_id_ties(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk with a defined tie order: equal values are ranked by increasing index."""
+def _ties_full(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact tie rule with full-vocabulary passes (rows whose k-th and (k+1)-th values tie)."""
     vals, _ = torch.topk(x, k, dim=1, sorted=True)
     kth = vals[:, -1:]
     above = x > kth
@@ -29,6 +29,25 @@ def topk_smallest_id_ties(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     order = torch.sort(picked, dim=1, descending=True, stable=True).indices
     ids = ids.gather(1, order)
     return x.gather(1, ids), ids
+
+
+def topk_smallest_id_ties(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk with a defined tie order: equal values are ranked by increasing index.
+    Where the k-th and (k+1)-th values differ the top-k set is unique, so only its order needs
+    fixing (sort by id, then stable sort by value); other rows take the full-vocabulary path."""
+    if k >= x.shape[1]:
+        return _ties_full(x, k)
+    vals, ids = torch.topk(x, k + 1, dim=1, sorted=True)
+    tie = vals[:, k - 1] == vals[:, k]
+    vals, ids = vals[:, :k], ids[:, :k]
+    order = ids.argsort(1)
+    ids, vals = ids.gather(1, order), vals.gather(1, order)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    ids, vals = ids.gather(1, order), vals.gather(1, order)
+    if bool(tie.any()):                                      # host sync; inference only
+        rows = tie.nonzero()[:, 0]
+        vals[rows], ids[rows] = _ties_full(x[rows], k)
+    return vals, ids
 
 
 def linear_topk(h, w, bias, k: int, opts: KDOptions):
