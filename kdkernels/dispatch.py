@@ -1,7 +1,8 @@
 """Backend selection: explicit argument, then env KDKERNELS_BACKEND, then "auto".
 
 A backend module (kdkernels/backends/<name>/) exports the contract of docs/backends.md plus
-`availability(device_type) -> None | reason`. An explicit request that cannot run raises with the
+`availability(device_type) -> None | reason`, and optionally `UNSUPPORTED_OPS`, the public ops it does
+not implement yet (explicit requests for those raise NotImplementedError; "auto" skips the backend). An explicit request that cannot run raises with the
 reason; "auto" never fails (the torch backend runs everywhere) and logs its choice once at debug level.
 """
 from __future__ import annotations
@@ -30,14 +31,16 @@ def _module(name: str) -> ModuleType:
         raise
 
 
-def _reason(name: str, device_type: str) -> Optional[str]:
-    """None if backend `name` can run on `device_type` tensors, else why not."""
+def _reason(name: str, device_type: str, op: Optional[str] = None) -> Optional[str]:
+    """None if backend `name` can run (op `op`) on `device_type` tensors, else why not."""
     try:
         mod = _module(name)
     except NotImplementedError as e:
         return str(e)
     except ImportError as e:  # e.g. triton not installed
         return f"importing it failed: {e}"
+    if op is not None and op in getattr(mod, "UNSUPPORTED_OPS", ()):
+        return f"it does not implement {op} yet"
     return mod.availability(device_type)
 
 
@@ -57,7 +60,8 @@ def resolve(backend: Optional[str], device_type: str, op: str) -> ModuleType:
     name = backend if backend is not None else os.environ.get("KDKERNELS_BACKEND", "auto")
     if name == "auto":
         for cand in _auto_order(device_type):
-            mod_reason = _reason(cand, device_type) if cand != "native" else _native_auto_reason(device_type)
+            mod_reason = (_reason(cand, device_type, op) if cand != "native"
+                          else _native_auto_reason(device_type, op))
             if mod_reason is None:
                 key = (cand, device_type, op)
                 if key not in _logged:
@@ -68,6 +72,8 @@ def resolve(backend: Optional[str], device_type: str, op: str) -> ModuleType:
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
     mod = _module(name)  # NotImplementedError for a backend that does not exist yet
+    if op in getattr(mod, "UNSUPPORTED_OPS", ()):
+        raise NotImplementedError(f"backend={name!r} does not implement {op} yet")
     why = mod.availability(device_type)
     if why is not None:
         raise BackendUnavailable(f"backend={name!r} requested for {op} on {device_type} tensors, "
@@ -75,7 +81,7 @@ def resolve(backend: Optional[str], device_type: str, op: str) -> ModuleType:
     return mod
 
 
-def _native_auto_reason(device_type: str) -> Optional[str]:
+def _native_auto_reason(device_type: str, op: str) -> Optional[str]:
     """"auto" takes the native backend only if it is loadable without compiling."""
     try:
         mod = _module("native")
@@ -84,4 +90,4 @@ def _native_auto_reason(device_type: str) -> Optional[str]:
     prebuilt = getattr(mod, "is_loaded_or_prebuilt", None)
     if prebuilt is None or not prebuilt():
         return "not built"
-    return mod.availability(device_type)
+    return _reason("native", device_type, op)
