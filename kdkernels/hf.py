@@ -26,7 +26,7 @@ from .train.data import collate
 from .train.model_parts import lm_parts
 from .train.objective import Objective, micro_batch_loss
 
-TEACHER_COLUMNS = ("teacher_ids", "teacher_values", "domain")
+TEACHER_COLUMNS = ("teacher_ids", "teacher_values", "teacher_logprob_next", "domain")
 
 
 def kd_collator(pad_id: int = 0, ignore_index: int = -100):
