@@ -189,3 +189,32 @@ def test_availability():
         assert "interpreter" in (U.TRITON.availability("cuda") or "") or \
             "CUDA" in (U.TRITON.availability("cuda") or "")
     assert U.TRITON.availability("mps") is not None
+
+
+@pytest.mark.parametrize("form", ["linear", "sparse:logprobs:bucket"])
+def test_nan_hidden_in_ignored_row_gives_exact_zero_contribution(kd, form):
+    """docs/backends.md: a row with grad_row == 0 contributes exactly 0, even with NaN inputs."""
+    import kdkernels
+    case = kd.make_case(form, n=13, v=37, bias=True)
+    labels = kd.make_labels(case.n, case.v, "some")
+    out = []
+    for poison in (False, True):
+        t = {k: v.clone() for k, v in case.tensors.items()}
+        if poison:
+            t["student_hidden"][1] = float("nan")          # row 1 is ignored (labels pattern "some")
+        for name in case.grads:
+            t[name].requires_grad_(True)
+        fn = kdkernels.fused_linear_kd_loss if form == "linear" else kdkernels.fused_linear_sparse_kd_loss
+        names = (("student_hidden", "student_weight", "teacher_hidden", "teacher_weight") if form == "linear"
+                 else ("student_hidden", "student_weight", "teacher_ids", "teacher_values"))
+        extra = {k: v for k, v in t.items() if k not in names}
+        loss = fn(*(t[k] for k in names), labels=labels, backend="triton", **extra, **case.api_opts)
+        loss.backward()
+        out.append((loss.detach(), [t[k].grad for k in case.grads]))
+    assert labels[1] == -100
+    assert torch.equal(out[0][0], out[1][0])
+    for name, a, b in zip(case.grads, out[0][1], out[1][1]):
+        if name == "student_hidden":
+            a, b = a[torch.arange(13) != 1], b[torch.arange(13) != 1]
+        assert torch.equal(a, b), f"d{name} changed by a NaN in an ignored row"
+

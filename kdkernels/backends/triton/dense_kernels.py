@@ -3,7 +3,8 @@ also used for the student LSE of the sparse path, linear_topk and linear_sample.
 
 Per row (docs/semantics.md), b = z_s / T, a = z_t / T, q = softmax(b), p = softmax(a):
 
-  _lse_kernel          partial LSE(z/T), LSE(z) and z[label] over one vocabulary split.
+  _lse_kernel          partial LSE(z/T), LSE(z), z[label] (and LSE(z/T) outside the k ids of a
+                       sparse teacher) over one vocabulary split.
                        Reads one model's rows: N*H + V*H elements (LM head) or N*V (logits);
                        writes 3 floats per (row, split).
   _dense_terms_kernel  partial sum_j f(p_j, q_j) and S = sum_j qh_j given the LSEs.
@@ -25,10 +26,14 @@ from .tl_utils import NEG_INF, element_terms, head_tile, lse_finish, lse_update
 
 @triton.jit
 def _lse_kernel(x_ptr, stride_xn, stride_xv, w_ptr, stride_wv, b_ptr, H, cap, labels_ptr,
-                lse_t_ptr, lse_1_ptr, pick_ptr, N, V, inv_T, cols_per_split, n_splits,
+                lse_t_ptr, lse_1_ptr, pick_ptr, ids_ptr, stride_in, K, lse_o_ptr,
+                N, V, inv_T, cols_per_split, n_splits,
                 LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
                 IEEE: tl.constexpr, TWO: tl.constexpr, HAS_LABEL: tl.constexpr,
+                HAS_IDS: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """HAS_IDS: also the LSE of z/T over the columns that are not among the row's k ids
+    (ids (N, K), -1 = empty), the sparse tail's log Q; k compares per tile entry."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -40,6 +45,8 @@ def _lse_kernel(x_ptr, stride_xn, stride_xv, w_ptr, stride_wv, b_ptr, H, cap, la
     m_1 = tl.full((BLOCK_N,), NEG_INF, tl.float32)
     s_1 = tl.zeros((BLOCK_N,), tl.float32)
     pick = tl.zeros((BLOCK_N,), tl.float32)
+    m_o = tl.full((BLOCK_N,), NEG_INF, tl.float32)
+    s_o = tl.zeros((BLOCK_N,), tl.float32)
     lab = tl.full((BLOCK_N,), -1, tl.int64)
     if HAS_LABEL:
         lab = tl.load(labels_ptr + rows, mask=rmask, other=-1)
@@ -48,7 +55,14 @@ def _lse_kernel(x_ptr, stride_xn, stride_xv, w_ptr, stride_wv, b_ptr, H, cap, la
         valid = (cols < v1)[None, :]
         z = head_tile(x_ptr, stride_xn, stride_xv, w_ptr, stride_wv, b_ptr, H, cap, rows, cols, N, V,
                       LINEAR, HAS_BIAS, HAS_CAP, IEEE, BLOCK_N, BLOCK_V, BLOCK_H)
-        m_t, s_t = lse_update(m_t, s_t, tl.where(valid, z * inv_T, NEG_INF))
+        zt = tl.where(valid, z * inv_T, NEG_INF)
+        m_t, s_t = lse_update(m_t, s_t, zt)
+        if HAS_IDS:
+            in_k = tl.zeros((BLOCK_N, BLOCK_V), tl.int1)
+            for i in range(0, K):
+                idx = tl.load(ids_ptr + rows * stride_in + i, mask=rmask, other=-1)
+                in_k = in_k | (cols[None, :] == idx[:, None])
+            m_o, s_o = lse_update(m_o, s_o, tl.where(in_k, NEG_INF, zt))
         if TWO:
             m_1, s_1 = lse_update(m_1, s_1, tl.where(valid, z, NEG_INF))
         if HAS_LABEL:
@@ -60,6 +74,8 @@ def _lse_kernel(x_ptr, stride_xn, stride_xv, w_ptr, stride_wv, b_ptr, H, cap, la
         tl.store(lse_1_ptr + out, lse_finish(m_1, s_1), mask=rmask)
     if HAS_LABEL:
         tl.store(pick_ptr + out, pick, mask=rmask)
+    if HAS_IDS:
+        tl.store(lse_o_ptr + out, lse_finish(m_o, s_o), mask=rmask)
 
 
 @triton.jit

@@ -81,34 +81,44 @@ def _div_code(opts: KDOptions) -> int:
 # streaming LSE of one head
 
 
-def head_lse(head: Head, n: int, v: int, T: float, labels: Optional[torch.Tensor], two: bool):
-    """(LSE(z/T), LSE(z) if two else None, z[label] if labels is given else None), fp32 (N,)."""
+def head_lse(head: Head, n: int, v: int, T: float, labels: Optional[torch.Tensor], two: bool,
+             ids: Optional[torch.Tensor] = None):
+    """(LSE(z/T), LSE(z) if two else None, z[label] if labels is given else None,
+    LSE(z/T) outside each row's ids if ids is given else None), fp32 (N,)."""
     dev = head.x.device
     tiles = _tiles(head)
     per, splits = vocab_splits(dev, n, v, tiles)
-    part = torch.empty(3, n, splits, dtype=torch.float32, device=dev)
+    part = torch.empty(4, n, splits, dtype=torch.float32, device=dev)
     lab = labels if labels is not None else part
+    idp = ids if ids is not None else part
     grid = (triton.cdiv(n, tiles.block_n), splits)
-    _lse_kernel[grid](*head.args(), lab, part[0], part[1], part[2], n, v, 1.0 / T, per, splits,
+    _lse_kernel[grid](*head.args(), lab, part[0], part[1], part[2], idp,
+                      ids.stride(0) if ids is not None else 0, ids.shape[1] if ids is not None else 0,
+                      part[3], n, v, 1.0 / T, per, splits,
                       LINEAR=head.linear, HAS_BIAS=head.has_bias, HAS_CAP=head.has_cap,
-                      IEEE=_ieee(head), TWO=two, HAS_LABEL=labels is not None, **tiles.launch())
+                      IEEE=_ieee(head), TWO=two, HAS_LABEL=labels is not None, HAS_IDS=ids is not None,
+                      **tiles.launch())
     lse_t = torch.logsumexp(part[0], 1)
     lse_1 = torch.logsumexp(part[1], 1) if two else None
     pick = part[2].sum(1) if labels is not None else None
-    return lse_t, lse_1, pick
+    lse_o = torch.logsumexp(part[3], 1) if ids is not None else None
+    return lse_t, lse_1, pick, lse_o
 
 
-def _student_lses(head: Head, n: int, v: int, labels: torch.Tensor, opts: KDOptions):
-    """LSE(b), LSE(z_s) (0 without CE, as in the torch backend) and the CE term per row."""
+def _student_lses(head: Head, n: int, v: int, labels: torch.Tensor, opts: KDOptions,
+                  ids: Optional[torch.Tensor] = None):
+    """LSE(b), LSE(z_s) (0 without CE, as in the torch backend), the CE term per row (None without
+    CE) and LSE(b) outside the ids (None without ids)."""
     has_ce = opts.ce_weight != 0
     T = opts.temperature
-    lse_b, lse_1, pick = head_lse(head, n, v, T, labels if has_ce else None, two=has_ce and T != 1.0)
+    lse_b, lse_1, pick, lse_o = head_lse(head, n, v, T, labels if has_ce else None,
+                                         two=has_ce and T != 1.0, ids=ids)
     if not has_ce:
-        return lse_b, torch.zeros_like(lse_b), None
+        return lse_b, torch.zeros_like(lse_b), None, lse_o
     if lse_1 is None:
         lse_1 = lse_b
     ce = torch.where(labels >= 0, lse_1 - pick, 0.0)
-    return lse_b, lse_1, ce
+    return lse_b, lse_1, ce, lse_o
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,8 +161,8 @@ def _dense_forward(s: Head, t: Head, n: int, v: int, labels: torch.Tensor, opts:
     if opts.divergence == "forward_kl" and opts.kd_weight:
         return _dense_forward_kl(s, t, n, v, labels, opts)
     T = opts.temperature
-    lse_b, lse_1, ce = _student_lses(s, n, v, labels, opts)
-    lse_a, _, _ = head_lse(t, n, v, T, None, two=False)
+    lse_b, lse_1, ce, _ = _student_lses(s, n, v, labels, opts)
+    lse_a = head_lse(t, n, v, T, None, two=False)[0]
     loss = torch.zeros_like(lse_b)
     S = torch.zeros_like(lse_b)
     if opts.kd_weight:
@@ -207,13 +217,15 @@ def linear_kd_forward(hs, ws, bs, ht, wt, bt, labels, opts: KDOptions):
 
 
 def head_backward(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], need, opts: KDOptions,
-                  write_chunk) -> tuple:
+                  write_chunk, grad_rows: torch.Tensor) -> tuple:
     """Drive the chunked backward: write_chunk(g, c_start, c_end) fills g (N, c_end - c_start) with
     d(total)/d(pre-softcap logits); this turns it into (dh, dW, db) in the inputs' dtypes."""
     need_dh, need_dw, need_db = need
     n, v = h.shape[0], w.shape[0]
     if not (need_dh or need_dw or need_db):
         return None, None, None
+    if need_dw:   # rows with grad_row == 0 add exactly 0 to dW even if their hidden state is NaN
+        h = torch.where((grad_rows != 0).unsqueeze(1), h, torch.zeros((), dtype=h.dtype, device=h.device))
     # fp32 g when db is needed (summed in fp32) or the inputs are fp32; else g in the GEMM dtype.
     g_dtype = torch.float32 if (need_db or h.dtype == torch.float32) else h.dtype
     g_bytes = torch.finfo(g_dtype).bits // 8 + (h.element_size() if g_dtype != h.dtype else 0)
@@ -249,7 +261,7 @@ def linear_kd_backward(hs, ws, bs, ht, wt, bt, labels, stats, grad_rows, opts: K
     def write_chunk(g, c0, c1):
         _dense_grad_launch(s, t, n, v, labels, stats, grad_rows, opts, g, c0, c1)
 
-    return head_backward(s.x, s.w, bs, need, opts, write_chunk)
+    return head_backward(s.x, s.w, bs, need, opts, write_chunk, grad_rows)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,7 +278,7 @@ def _gather(s: Head, ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _sparse_rows(zk, ids, vals, lse_b, v, opts: KDOptions, coef: bool):
+def _sparse_rows(zk, ids, vals, lse_b, lse_out, stats, v, opts: KDOptions, coef: bool):
     n, k = ids.shape
     dev = ids.device
     kp = triton.next_power_of_2(k)
@@ -276,7 +288,8 @@ def _sparse_rows(zk, ids, vals, lse_b, v, opts: KDOptions, coef: bool):
     c = torch.empty((n, k), dtype=torch.float32, device=dev) if coef else zk
     dense = torch.empty(n, dtype=torch.float32, device=dev) if coef else zk
     _sparse_rows_kernel[(triton.cdiv(n, block_n),)](
-        zk, ids, ids.stride(0), vals, vals.stride(0), lse_b, out, c, dense, n, k, v,
+        zk, ids, ids.stride(0), vals, vals.stride(0), lse_b, lse_out if lse_out is not None else zk,
+        stats if stats is not None else zk, out, c, dense, n, k, v,
         1.0 / opts.temperature, opts.kd_scale / opts.temperature, lw, l1mw, LOG_TAIL_FLOOR,
         DIV=_div_code(opts), TAIL=TAILS.index(opts.tail), WEIGHTS=opts.values == "weights",
         P_TAIL=opts.tail == "bucket" and opts.values != "weights", COEF=coef, BLOCK_N=block_n, KP=kp)
@@ -287,11 +300,12 @@ def linear_sparse_kd_forward(hs, ws, bs, ids, vals, labels, opts: KDOptions):
     s = linear_head(hs, ws, bs, opts.student_softcap)
     n, v = hs.shape[0], ws.shape[0]
     ids, vals = _row_major(ids), _row_major(vals)
-    lse_b, lse_1, ce = _student_lses(s, n, v, labels, opts)
+    has_tail = bool(opts.kd_weight) and opts.tail != "renorm_both"
+    lse_b, lse_1, ce, lse_o = _student_lses(s, n, v, labels, opts, ids if has_tail else None)
     loss = torch.zeros_like(lse_b)
     stats = torch.zeros((n, 4), dtype=torch.float32, device=hs.device)
     if opts.kd_weight:
-        rows = _sparse_rows(_gather(s, ids), ids, vals, lse_b, v, opts, coef=False)
+        rows = _sparse_rows(_gather(s, ids), ids, vals, lse_b, lse_o, None, v, opts, coef=False)
         loss = opts.kd_scale * rows[:, 1]
         stats[:, 0], stats[:, 2], stats[:, 3] = rows[:, 0], rows[:, 3], rows[:, 2]
     stats[:, 1] = lse_1
@@ -308,7 +322,8 @@ def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, o
     k = ids.shape[1]
     has_kd = bool(opts.kd_weight)
     if has_kd:
-        coef, dense = _sparse_rows(_gather(s, ids), ids, vals, stats[:, 0].contiguous(), v, opts, coef=True)
+        coef, dense = _sparse_rows(_gather(s, ids), ids, vals, stats[:, 0].contiguous(), None, stats, v,
+                                   opts, coef=True)
     else:
         coef = dense = stats
     tiles = linear_tiles(hs.device)
@@ -322,4 +337,4 @@ def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, o
                                   HAS_BIAS=s.has_bias, HAS_CAP=s.has_cap, IEEE=_ieee(s),
                                   **tiles.launch())
 
-    return head_backward(s.x, s.w, bs, need, opts, write_chunk)
+    return head_backward(s.x, s.w, bs, need, opts, write_chunk, grad_rows)

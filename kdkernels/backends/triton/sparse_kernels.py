@@ -5,13 +5,14 @@ Per row, K = valid ids (id >= 0) of k slots, b = z / T, z = softcap(h W^T + bias
   _gather_kernel       zK_i = z[id_i] as k dot products h . W[id_i] (+ bias, softcap), fp32.
                        Reads H + k*H elements per row, writes k floats.
   _sparse_rows_kernel  the k + 1 outcomes (bucket / renorm_teacher: K plus the tail P, Q with
-                       Q = 1 - sum_K q from the full-vocabulary LSE(b); renorm_both: K only):
+                       Q = 1 - sum_K q from the full-vocabulary LSE(b) while Q >= 1/2, else the
+                       student's mass summed outside K; renorm_both: K only):
                          D = sum_K f + f(P, Q),  S = sum_K qh + qh(P, Q),  h_Q = qh(P, Q) / Q
-                       forward writes [D, S, h_Q, LSE]; with COEF it writes the backward's slot
-                       coefficients c_i = kd_scale/T (qh_i - q_i h_Q)   (renorm_both: qh_i - q_i S)
-                       and the dense coefficient kd_scale/T (h_Q - S) (0 for renorm_both).
+                       forward writes [LSE, D, S, h_Q]; with COEF it writes the backward's slot
+                       coefficients c_i = kd_scale/T (qh_i - q_i S) and the dense coefficient
+                       kd_scale/T (h_Q - S) of the tokens outside K (0 for renorm_both).
                        O(k) per row.
-  _sparse_grad_kernel  g_j = grad_row * dz/dx_j * [dense_coef q_j + sum_i c_i [j = id_i]
+  _sparse_grad_kernel  g_j = grad_row * dz/dx_j * [dense_coef q_j [j not in K] + sum_i c_i [j = id_i]
                        + ce_w (softmax(z)_j - [j = y])] for columns [c_start, c_end), recomputing
                        the logit tile with tl.dot; the k corrections are folded into the tile by a
                        loop over the slots (no scatter, no atomics). Writes one (rows, cols) block.
@@ -48,12 +49,15 @@ def _gather_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, ids_ptr, stride_in
 
 
 @triton.jit
-def _sparse_rows_kernel(zk_ptr, ids_ptr, stride_in, vals_ptr, stride_vn, lse_ptr, out_ptr, coef_ptr,
-                        dense_ptr, N, K, V, inv_T, kd_coef, LOG_W, LOG_1MW, log_floor,
+def _sparse_rows_kernel(zk_ptr, ids_ptr, stride_in, vals_ptr, stride_vn, lse_ptr, lse_out_ptr,
+                        stats_ptr, out_ptr, coef_ptr, dense_ptr, N, K, V, inv_T, kd_coef, LOG_W,
+                        LOG_1MW, log_floor,
                         DIV: tl.constexpr, TAIL: tl.constexpr, WEIGHTS: tl.constexpr,
                         P_TAIL: tl.constexpr, COEF: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr):
-    """TAIL: 0 bucket, 1 renorm_teacher, 2 renorm_both; P_TAIL = bucket and not WEIGHTS. lse_ptr: full-vocabulary LSE(b) per row.
-    out (N, 4) = [LSE used for q, D, S, h_Q] (forward); coef (N, K), dense (N,) (COEF)."""
+    """TAIL: 0 bucket, 1 renorm_teacher, 2 renorm_both; P_TAIL = bucket and not WEIGHTS.
+    Forward: lse_ptr = full-vocabulary LSE(b), lse_out_ptr = LSE(b) outside K; writes
+    out (N, 4) = [LSE used for q, D, S, h_Q]. COEF (backward): lse_ptr = the saved LSE, h_Q and S
+    read from stats (N, 4) = [LSE, LSE(z), h_Q, S]; writes coef (N, K) and dense (N,)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -68,10 +72,6 @@ def _sparse_rows_kernel(zk_ptr, ids_ptr, stride_in, vals_ptr, stride_vn, lse_ptr
     lp = tl.where(valid, lp, NEG_INF)
     if TAIL != 0:   # renormalized teacher
         lp = lp - tl.maximum(masked_lse(lp, valid, 1), -1e30)[:, None]
-    if P_TAIL:      # bucket with log-prob values: the teacher's tail mass P = 1 - sum_K p
-        lP = tl.maximum(log1mexp(masked_lse(lp, valid, 1)), log_floor)
-    else:
-        lP = tl.full((BLOCK_N,), NEG_INF, tl.float32)
     if TAIL == 2:
         lse = masked_lse(bk, valid, 1)
     else:
@@ -80,30 +80,39 @@ def _sparse_rows_kernel(zk_ptr, ids_ptr, stride_in, vals_ptr, stride_vn, lse_ptr
     fk, qhk = element_terms(lp, lq, DIV, LOG_W, LOG_1MW)
     fk = tl.where(valid, fk, 0.0)
     qhk = tl.where(valid, qhk, 0.0)
-    D = tl.sum(fk, 1)
-    S = tl.sum(qhk, 1)
-    hQ = tl.zeros((BLOCK_N,), tl.float32)
-    if TAIL != 2:
-        full = tl.sum(valid.to(tl.int32), 1) == V   # K covers the vocabulary: no tail outcome
-        lQ = tl.maximum(log1mexp(masked_lse(lq, valid, 1)), log_floor)
-        fQ, qhQ = element_terms(lP, lQ, DIV, LOG_W, LOG_1MW)
-        fQ = tl.where(full, 0.0, fQ)
-        qhQ = tl.where(full, 0.0, qhQ)
-        D += fQ
-        S += qhQ
-        hQ = qhQ * tl.exp(-lQ)
     if COEF:
-        qk = tl.exp(lq)
+        # at K: qh_j - q_j S (replaced, not corrected from the tail's value: that cancels when
+        # |h_Q| >> 1); outside K every token carries q_j (h_Q - S): the dense coefficient
+        hQ = tl.load(stats_ptr + rows * 4 + 2, mask=rmask, other=0.0)
+        S = tl.load(stats_ptr + rows * 4 + 3, mask=rmask, other=0.0)
+        c = tl.where(valid, (qhk - tl.exp(lq) * S[:, None]) * kd_coef, 0.0)
         if TAIL == 2:
-            c = qhk - qk * S[:, None]
             dense = tl.zeros((BLOCK_N,), tl.float32)
         else:
-            c = qhk - qk * hQ[:, None]
             dense = (hQ - S) * kd_coef
-        c = tl.where(valid, c * kd_coef, 0.0)
         tl.store(coef_ptr + rows[:, None] * K + slots[None, :], c, mask=m2)
         tl.store(dense_ptr + rows, dense, mask=rmask)
     else:
+        D = tl.sum(fk, 1)
+        S = tl.sum(qhk, 1)
+        hQ = tl.zeros((BLOCK_N,), tl.float32)
+        if TAIL != 2:
+            if P_TAIL:  # bucket with log-prob values: the teacher's tail mass P = 1 - sum_K p
+                lP = tl.maximum(log1mexp(masked_lse(lp, valid, 1)), log_floor)
+            else:
+                lP = tl.full((BLOCK_N,), NEG_INF, tl.float32)
+            full = tl.sum(valid.to(tl.int32), 1) == V   # K covers the vocabulary: no tail outcome
+            # log Q = log(1 - sum_K q) while Q >= 1/2; below, that cancels, so Q is the student's
+            # mass summed outside K (streamed by _lse_kernel)
+            lQ = log1mexp(masked_lse(lq, valid, 1))
+            lQ_out = tl.load(lse_out_ptr + rows, mask=rmask, other=0.0) - lse
+            lQ = tl.maximum(tl.where(lQ < -0.6931471805599453, lQ_out, lQ), log_floor)
+            fQ, qhQ = element_terms(lP, lQ, DIV, LOG_W, LOG_1MW)
+            fQ = tl.where(full, 0.0, fQ)
+            qhQ = tl.where(full, 0.0, qhQ)
+            D += fQ
+            S += qhQ
+            hQ = qhQ * tl.exp(-lQ)
         tl.store(out_ptr + rows * 4 + 0, lse, mask=rmask)
         tl.store(out_ptr + rows * 4 + 1, D, mask=rmask)
         tl.store(out_ptr + rows * 4 + 2, S, mask=rmask)
@@ -128,14 +137,17 @@ def _sparse_grad_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, H, cap, ids_p
                     HAS_BIAS, HAS_CAP, IEEE, BLOCK_N, BLOCK_V, BLOCK_H)
     g = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     if HAS_KD:
-        if HAS_DENSE:
-            lse = tl.load(stats_ptr + rows * 4 + 0, mask=rmask, other=0.0)
-            dense = tl.load(dense_ptr + rows, mask=rmask, other=0.0)
-            g = tl.exp(z * inv_T - lse[:, None]) * dense[:, None]
+        in_k = tl.zeros((BLOCK_N, BLOCK_V), tl.int1)
         for i in range(0, K):
             idx = tl.load(ids_ptr + rows * stride_in + i, mask=rmask, other=-1)
             c = tl.load(coef_ptr + rows * K + i, mask=rmask, other=0.0)
-            g += tl.where(cols[None, :] == idx[:, None], c[:, None], 0.0)
+            hit = cols[None, :] == idx[:, None]
+            in_k = in_k | hit
+            g += tl.where(hit, c[:, None], 0.0)
+        if HAS_DENSE:
+            lse = tl.load(stats_ptr + rows * 4 + 0, mask=rmask, other=0.0)
+            dense = tl.load(dense_ptr + rows, mask=rmask, other=0.0)
+            g += tl.where(in_k, 0.0, tl.exp(z * inv_T - lse[:, None]) * dense[:, None])
     if HAS_CE:
         lab = tl.load(labels_ptr + rows, mask=rmask, other=-1)
         lse1 = tl.load(stats_ptr + rows * 4 + 1, mask=rmask, other=0.0)

@@ -131,7 +131,8 @@ def logits_tile(x_ptr, stride_xn, stride_xv, rows, cols, N, V):
 
 
 # ------------------------------------------------------------------------------------------------
-# element terms (docs/semantics.md table); lp, lq log-probabilities, -inf allowed, 0 log 0 = 0
+# element terms (docs/semantics.md table); lp, lq log-probabilities, -inf allowed, 0 log 0 = 0.
+# The 0 log 0 masks test "!= 0", not "> 0": a NaN must propagate (and be reported), not vanish.
 
 
 @triton.jit
@@ -145,26 +146,26 @@ def element_terms(lp, lq, DIV: tl.constexpr, LOG_W, LOG_1MW):
     p = tl.exp(lp)
     q = tl.exp(lq)
     if DIV == 0:    # forward KL: f = p (lp - lq), qh = -p
-        f = tl.where(p > 0, p * (lp - lq), 0.0)
+        f = tl.where(p != 0, p * (lp - lq), 0.0)
         qh = -p
     elif DIV == 1:  # reverse KL: f = qh = q (lq - lp)
-        f = tl.where(q > 0, q * (lq - lp), 0.0)
+        f = tl.where(q != 0, q * (lq - lp), 0.0)
         qh = f
     elif DIV == 2:  # jsd, m = beta p + (1 - beta) q
         w = tl.exp(LOG_W)
         lm = logaddexp(lp + LOG_W, lq + LOG_1MW)
-        tq = tl.where(q > 0, q * (lq - lm), 0.0)
-        f = w * tl.where(p > 0, p * (lp - lm), 0.0) + (1.0 - w) * tq
+        tq = tl.where(q != 0, q * (lq - lm), 0.0)
+        f = w * tl.where(p != 0, p * (lp - lm), 0.0) + (1.0 - w) * tq
         qh = (1.0 - w) * tq
     elif DIV == 3:  # skew forward KL, m = alpha p + (1 - alpha) q
         lm = logaddexp(lp + LOG_W, lq + LOG_1MW)
-        f = tl.where(p > 0, p * (lp - lm), 0.0)
-        qh = tl.where(p > 0, -tl.exp(LOG_1MW) * p * tl.exp(lq - lm), 0.0)
+        f = tl.where(p != 0, p * (lp - lm), 0.0)
+        qh = tl.where(p != 0, -tl.exp(LOG_1MW) * p * tl.exp(lq - lm), 0.0)
     elif DIV == 4:  # skew reverse KL, m = alpha q + (1 - alpha) p
         lm = logaddexp(lq + LOG_W, lp + LOG_1MW)
         r = lq - lm
-        f = tl.where(q > 0, q * r, 0.0)
-        qh = tl.where(q > 0, q * (r - tl.exp(LOG_W) * tl.exp(r)), 0.0)
+        f = tl.where(q != 0, q * r, 0.0)
+        qh = tl.where(q != 0, q * (r - tl.exp(LOG_W) * tl.exp(r)), 0.0)
     else:           # tvd
         f = 0.5 * tl.abs(p - q)
         qh = 0.5 * q * sign(q - p)
