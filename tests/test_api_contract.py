@@ -133,3 +133,15 @@ def test_modules_equal_functions(kd):
         assert "beta" in str(e)
     else:
         raise AssertionError("a module with invalid options must fail at construction")
+
+
+def test_mean_over_a_single_counted_row(kd):
+    """mean with exactly one counted row is that row's loss (denominator 1, not clamped higher),
+    """
+    case = kd.make_case("linear", n=5, seed=4)
+    labels = torch.tensor([-100, -100, 7, -100, -100])
+    rows, _ = kd.run(case, "kd", dict(labels=labels, reduction="none"))
+    mean, g_mean = kd.run(case, "kd", dict(labels=labels))
+    _, g_sum = kd.run(case, "kd", dict(labels=labels, reduction="sum"))
+    assert torch.equal(mean, rows[2])
+    assert torch.equal(g_mean["student_weight"], g_sum["student_weight"])
