@@ -67,7 +67,8 @@ def test_topk_and_sample_bf16():
 
 def test_memory_bound_and_determinism():
     """Extra memory of the sparse fused loss (fwd + bwd) stays within chunk_bytes + the fp32 dh
-    accumulator (4 N H) + O(N (k + splits)) (docs/triton.md), far below the (N, V) logits, and two
+    accumulator (4 N H) + the masked hidden copy (2 N H) + O(N (k + splits)) (docs/triton.md), far
+    below the (N, V) logits, and two
     runs give bit-identical gradients (no atomics)."""
     _cuda_triton()
     n, h, v, k = 4096, 2048, 128256, 64
@@ -88,7 +89,7 @@ def test_memory_bound_and_determinism():
         loss.backward()
         torch.cuda.synchronize()
         extra = torch.cuda.max_memory_allocated() - base - (hs.numel() + ws.numel()) * 2
-        bound = chunk + 4 * n * h + 64 * n * (k + 64) + 32 * 2**20   # + allocator/cuBLAS slack
+        bound = chunk + 6 * n * h + 64 * n * (k + 64) + 32 * 2**20   # dh32, masked h copy, slack
         assert extra <= bound, f"extra memory {extra / 2**20:.0f} MiB > bound {bound / 2**20:.0f} MiB"
         assert extra < n * v * 2 / 4, "a quarter of the bf16 logits: something materialized N x V"
         grads.append((hs.grad.clone(), ws.grad.clone()))

@@ -218,3 +218,29 @@ def test_nan_hidden_in_ignored_row_gives_exact_zero_contribution(kd, form):
             a, b = a[torch.arange(13) != 1], b[torch.arange(13) != 1]
         assert torch.equal(a, b), f"d{name} changed by a NaN in an ignored row"
 
+
+def test_tiny_student_tail_against_teacher_tail():
+    """Forward KL, bucket: the student puts ~1e-12 outside K where the teacher puts 0.2, so
+    h_Q = -P/Q ~ -1e11. Q must come from the mass outside K (not 1 - sum_K q) and the gradient at K
+    must not go through h_Q (docs/semantics.md, "Tail modes"): compare with float64."""
+    g = torch.Generator().manual_seed(12)
+    n, v, h, k = 13, 1031, 32, 7
+    hs = torch.randn(n, h, generator=g)
+    ws = torch.randn(v, h, generator=g) * 0.1
+    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+    ws[ids[:, 0]] = hs * 0.2           # row r's first id: logit 0.2 |h_r|^2 ~ 6.4 + ...
+    hs = hs * 5                        # ... scaled to ~160: the student's tail is ~e^-150
+    vals = torch.log(torch.full((n, k), 0.8 / k))
+    labels = torch.full((n,), -1)
+    opts = KDOptions(divergence="forward_kl", tail="bucket")
+    go = torch.linspace(0.5, 1.5, n)
+    res = {}
+    for name, mod, dt in (("triton", U.TRITON, torch.float32), ("torch", U.TORCH, torch.float32),
+                          ("truth", U.TORCH, torch.float64)):
+        a, b, vv = hs.to(dt), ws.to(dt), vals.to(dt)
+        loss, stats = mod.linear_sparse_kd_forward(a, b, None, ids, vv, labels, opts)
+        dh, dw, _ = mod.linear_sparse_kd_backward(a, b, None, ids, vv, labels, stats, go.to(torch.float32),
+                                                  opts, (True, True, False))
+        res[name] = (loss, dh, dw)
+    for i, what in enumerate(("loss", "dh", "dw")):
+        U.assert_close_to_reference(what, res["triton"][i], res["torch"][i], res["truth"][i].float())

@@ -43,9 +43,11 @@ def _configs(full: bool):
         flags = dict(LINEAR=linear, IEEE=ieee)
         yield ("_lse_kernel", D._lse_kernel,
                {**head(dt, H1), "labels_ptr": "*i64", "lse_t_ptr": "*fp32", "lse_1_ptr": "*fp32",
-                "pick_ptr": "*fp32", "N": "i32", "V": "i32", "inv_T": "fp32", "cols_per_split": "i32",
+                "pick_ptr": "*fp32", "ids_ptr": "*i64", "stride_in": "i32", "K": "i32", "lse_o_ptr": "*fp32",
+                "zk_ptr": "*fp32", "N": "i32", "V": "i32", "inv_T": "fp32", "cols_per_split": "i32",
                 "n_splits": "i32"},
-               {**flags, "HAS_BIAS": linear, "HAS_CAP": linear, "TWO": True, "HAS_LABEL": True, **tiles},
+               {**flags, "HAS_BIAS": linear, "HAS_CAP": linear, "TWO": True, "HAS_LABEL": True,
+                "HAS_IDS": linear, "KP": 64, **tiles},
                lopts)
         two_heads = {**head(dt, HS), **head(dt, HT)}
         caps = dict(S_BIAS=linear, S_CAP=linear, T_BIAS=False, T_CAP=linear)
@@ -67,28 +69,25 @@ def _configs(full: bool):
                    {**flags, **caps, "DIV": div, "HAS_KD": True, "HAS_CE": True, **tiles}, lopts)
     for dt in dts:
         ieee = dt == "fp32"
-        yield ("_gather_kernel", S._gather_kernel,
-               {"h_ptr": PTR[dt], "stride_hn": "i32", "w_ptr": PTR[dt], "stride_wv": "i32", "b_ptr": PTR[dt],
-                "ids_ptr": "*i64", "stride_in": "i32", "out_ptr": "*fp32", "N": "i32", "K": "i32", "H": "i32",
-                "cap": "fp32"},
-               {"HAS_BIAS": True, "HAS_CAP": True, "KP": 64, "BLOCK_H": 128}, dict(num_warps=4))
         for div, tail, weights in itertools.product(divs, range(3) if full else (0,), (False, True) if full else (False,)):
             for coef in (False, True):
                 yield (f"_sparse_rows_kernel[div={div},tail={tail},w={weights},coef={coef}]",
                        S._sparse_rows_kernel,
                        {"zk_ptr": "*fp32", "ids_ptr": "*i64", "stride_in": "i32", "vals_ptr": "*fp32",
-                        "stride_vn": "i32", "lse_ptr": "*fp32", "out_ptr": "*fp32", "coef_ptr": "*fp32",
+                        "stride_vn": "i32", "lse_ptr": "*fp32", "lse_out_ptr": "*fp32", "stats_ptr": "*fp32",
+                        "out_ptr": "*fp32", "coef_ptr": "*fp32",
                         "dense_ptr": "*fp32", "N": "i32", "K": "i32", "V": "i32", "inv_T": "fp32",
                         "kd_coef": "fp32", "LOG_W": "fp32", "LOG_1MW": "fp32", "log_floor": "fp32"},
                        {"DIV": div, "TAIL": tail, "WEIGHTS": weights, "P_TAIL": tail == 0 and not weights,
                         "COEF": coef, "BLOCK_N": 32, "KP": 64}, dict(num_warps=4))
         yield ("_sparse_grad_kernel", S._sparse_grad_kernel,
                {"h_ptr": PTR[dt], "stride_hn": "i32", "w_ptr": PTR[dt], "stride_wv": "i32", "b_ptr": PTR[dt],
-                "H": "i32", "cap": "fp32", "ids_ptr": "*i64", "stride_in": "i32", "coef_ptr": "*fp32",
+                "H": "i32", "cap": "fp32", "ids_ptr": "*i64", "stride_in": "i32", "lpk_ptr": "*fp32",
                 "dense_ptr": "*fp32", "labels_ptr": "*i64", "stats_ptr": "*fp32", "grad_rows_ptr": "*fp32",
                 "out_ptr": PTR[dt], "stride_on": "i32", "N": "i32", "V": "i32", "K": "i32", "c_start": "i32",
-                "c_end": "i32", "inv_T": "fp32", "ce_w": "fp32"},
-               {"HAS_KD": True, "HAS_DENSE": True, "HAS_CE": True, "HAS_BIAS": True, "HAS_CAP": True,
+                "c_end": "i32", "inv_T": "fp32", "kd_coef": "fp32", "ce_w": "fp32", "LOG_W": "fp32",
+                "LOG_1MW": "fp32"},
+               {"DIV": divs[0], "HAS_KD": True, "HAS_DENSE": True, "HAS_CE": True, "HAS_BIAS": True, "HAS_CAP": True,
                 "IEEE": ieee, **lin}, opts_lin)
         head_args = {"h_ptr": PTR[dt], "stride_hn": "i32", "w_ptr": PTR[dt], "stride_wv": "i32",
                      "b_ptr": PTR[dt], "H": "i32", "cap": "fp32"}

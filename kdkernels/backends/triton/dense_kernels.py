@@ -26,14 +26,16 @@ from .tl_utils import NEG_INF, element_terms, head_tile, lse_finish, lse_update
 
 @triton.jit
 def _lse_kernel(x_ptr, stride_xn, stride_xv, w_ptr, stride_wv, b_ptr, H, cap, labels_ptr,
-                lse_t_ptr, lse_1_ptr, pick_ptr, ids_ptr, stride_in, K, lse_o_ptr,
+                lse_t_ptr, lse_1_ptr, pick_ptr, ids_ptr, stride_in, K, lse_o_ptr, zk_ptr,
                 N, V, inv_T, cols_per_split, n_splits,
                 LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
                 IEEE: tl.constexpr, TWO: tl.constexpr, HAS_LABEL: tl.constexpr,
-                HAS_IDS: tl.constexpr,
+                HAS_IDS: tl.constexpr, KP: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """HAS_IDS: also the LSE of z/T over the columns that are not among the row's k ids
-    (ids (N, K), -1 = empty), the sparse tail's log Q; k compares per tile entry."""
+    """HAS_IDS (ids (N, K), -1 = empty; KP = next_pow2(K)): also z at the ids, picked from the
+    same tiles (so they round exactly like the LSE's terms and the backward's recomputed tiles;
+    zk (N, splits, KP), 0 in the splits without the id) and the LSE of z/T over the columns that are
+    not among the ids (the sparse tail's log Q). k compares per tile entry."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -47,6 +49,8 @@ def _lse_kernel(x_ptr, stride_xn, stride_xv, w_ptr, stride_wv, b_ptr, H, cap, la
     pick = tl.zeros((BLOCK_N,), tl.float32)
     m_o = tl.full((BLOCK_N,), NEG_INF, tl.float32)
     s_o = tl.zeros((BLOCK_N,), tl.float32)
+    slots = tl.arange(0, KP)
+    zk = tl.zeros((BLOCK_N, KP), tl.float32)
     lab = tl.full((BLOCK_N,), -1, tl.int64)
     if HAS_LABEL:
         lab = tl.load(labels_ptr + rows, mask=rmask, other=-1)
@@ -61,7 +65,10 @@ def _lse_kernel(x_ptr, stride_xn, stride_xv, w_ptr, stride_wv, b_ptr, H, cap, la
             in_k = tl.zeros((BLOCK_N, BLOCK_V), tl.int1)
             for i in range(0, K):
                 idx = tl.load(ids_ptr + rows * stride_in + i, mask=rmask, other=-1)
-                in_k = in_k | (cols[None, :] == idx[:, None])
+                hit = valid & (cols[None, :] == idx[:, None])
+                in_k = in_k | hit
+                picked = tl.sum(tl.where(hit, z, 0.0), 1)
+                zk += tl.where(slots[None, :] == i, picked[:, None], 0.0)
             m_o, s_o = lse_update(m_o, s_o, tl.where(in_k, NEG_INF, zt))
         if TWO:
             m_1, s_1 = lse_update(m_1, s_1, tl.where(valid, z, NEG_INF))
@@ -76,6 +83,7 @@ def _lse_kernel(x_ptr, stride_xn, stride_xv, w_ptr, stride_wv, b_ptr, H, cap, la
         tl.store(pick_ptr + out, pick, mask=rmask)
     if HAS_IDS:
         tl.store(lse_o_ptr + out, lse_finish(m_o, s_o), mask=rmask)
+        tl.store(zk_ptr + out[:, None] * KP + slots[None, :], zk, mask=rmask[:, None])
 
 
 @triton.jit

@@ -21,7 +21,7 @@ import triton
 from ...options import LOG_TAIL_FLOOR, KDOptions, DIVERGENCES, TAILS
 from .config import Tiles, chunk_columns, linear_tiles, logits_tiles, vocab_splits
 from .dense_kernels import _dense_fkl_kernel, _dense_grad_kernel, _dense_terms_kernel, _lse_kernel
-from .sparse_kernels import _gather_kernel, _sparse_grad_kernel, _sparse_rows_kernel
+from .sparse_kernels import _sparse_grad_kernel, _sparse_rows_kernel
 
 
 class Head(NamedTuple):
@@ -90,35 +90,38 @@ def head_lse(head: Head, n: int, v: int, T: float, labels: Optional[torch.Tensor
     per, splits = vocab_splits(dev, n, v, tiles)
     part = torch.empty(4, n, splits, dtype=torch.float32, device=dev)
     lab = labels if labels is not None else part
-    idp = ids if ids is not None else part
+    k = ids.shape[1] if ids is not None else 0
+    kp = triton.next_power_of_2(max(k, 1))
+    zk = torch.empty((n, splits, kp) if ids is not None else (1,), dtype=torch.float32, device=dev)
     grid = (triton.cdiv(n, tiles.block_n), splits)
-    _lse_kernel[grid](*head.args(), lab, part[0], part[1], part[2], idp,
-                      ids.stride(0) if ids is not None else 0, ids.shape[1] if ids is not None else 0,
-                      part[3], n, v, 1.0 / T, per, splits,
+    _lse_kernel[grid](*head.args(), lab, part[0], part[1], part[2], ids if ids is not None else part,
+                      ids.stride(0) if ids is not None else 0, k, part[3], zk, n, v, 1.0 / T, per, splits,
                       LINEAR=head.linear, HAS_BIAS=head.has_bias, HAS_CAP=head.has_cap,
                       IEEE=_ieee(head), TWO=two, HAS_LABEL=labels is not None, HAS_IDS=ids is not None,
-                      **tiles.launch())
+                      KP=kp, **tiles.launch())
     lse_t = torch.logsumexp(part[0], 1)
     lse_1 = torch.logsumexp(part[1], 1) if two else None
     pick = part[2].sum(1) if labels is not None else None
-    lse_o = torch.logsumexp(part[3], 1) if ids is not None else None
-    return lse_t, lse_1, pick, lse_o
+    if ids is None:
+        return lse_t, lse_1, pick, None, None
+    # each id lies in one split; the others hold exact zeros
+    return lse_t, lse_1, pick, torch.logsumexp(part[3], 1), zk.sum(1).contiguous()
 
 
 def _student_lses(head: Head, n: int, v: int, labels: torch.Tensor, opts: KDOptions,
                   ids: Optional[torch.Tensor] = None):
     """LSE(b), LSE(z_s) (0 without CE, as in the torch backend), the CE term per row (None without
-    CE) and LSE(b) outside the ids (None without ids)."""
+    CE), LSE(b) outside the ids and z at the ids (N, next_pow2(k)) (None, None without ids)."""
     has_ce = opts.ce_weight != 0
     T = opts.temperature
-    lse_b, lse_1, pick, lse_o = head_lse(head, n, v, T, labels if has_ce else None,
-                                         two=has_ce and T != 1.0, ids=ids)
+    lse_b, lse_1, pick, lse_o, zk = head_lse(head, n, v, T, labels if has_ce else None,
+                                             two=has_ce and T != 1.0, ids=ids)
     if not has_ce:
-        return lse_b, torch.zeros_like(lse_b), None, lse_o
+        return lse_b, torch.zeros_like(lse_b), None, lse_o, zk
     if lse_1 is None:
         lse_1 = lse_b
     ce = torch.where(labels >= 0, lse_1 - pick, 0.0)
-    return lse_b, lse_1, ce, lse_o
+    return lse_b, lse_1, ce, lse_o, zk
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,7 +164,7 @@ def _dense_forward(s: Head, t: Head, n: int, v: int, labels: torch.Tensor, opts:
     if opts.divergence == "forward_kl" and opts.kd_weight:
         return _dense_forward_kl(s, t, n, v, labels, opts)
     T = opts.temperature
-    lse_b, lse_1, ce, _ = _student_lses(s, n, v, labels, opts)
+    lse_b, lse_1, ce, _, _ = _student_lses(s, n, v, labels, opts)
     lse_a = head_lse(t, n, v, T, None, two=False)[0]
     loss = torch.zeros_like(lse_b)
     S = torch.zeros_like(lse_b)
@@ -268,28 +271,20 @@ def linear_kd_backward(hs, ws, bs, ht, wt, bt, labels, stats, grad_rows, opts: K
 # sparse (cached) teacher
 
 
-def _gather(s: Head, ids: torch.Tensor) -> torch.Tensor:
-    n, k = ids.shape
-    out = torch.empty((n, k), dtype=torch.float32, device=ids.device)
-    kp = triton.next_power_of_2(k)
-    block_h = max(16, min(128, 8192 // kp)) if s.x.device.type == "cuda" else 64
-    _gather_kernel[(n,)](s.x, s.sxn, s.w, s.swv, s.b, ids, ids.stride(0), out, n, k, s.H, s.cap,
-                         HAS_BIAS=s.has_bias, HAS_CAP=s.has_cap, KP=kp, BLOCK_H=block_h)
-    return out
-
-
 def _sparse_rows(zk, ids, vals, lse_b, lse_out, stats, v, opts: KDOptions, coef: bool):
     n, k = ids.shape
     dev = ids.device
     kp = triton.next_power_of_2(k)
     block_n = max(1, min(64, 2048 // kp))
     lw, l1mw = _mix_logs(opts)
-    out = torch.empty((n, 4), dtype=torch.float32, device=dev) if not coef else zk
-    c = torch.empty((n, k), dtype=torch.float32, device=dev) if coef else zk
-    dense = torch.empty(n, dtype=torch.float32, device=dev) if coef else zk
+    dummy = lse_b
+    out = torch.empty((n, 4), dtype=torch.float32, device=dev) if not coef else dummy
+    c = torch.empty((n, k), dtype=torch.float32, device=dev) if coef else dummy
+    dense = torch.empty(n, dtype=torch.float32, device=dev) if coef else dummy
     _sparse_rows_kernel[(triton.cdiv(n, block_n),)](
-        zk, ids, ids.stride(0), vals, vals.stride(0), lse_b, lse_out if lse_out is not None else zk,
-        stats if stats is not None else zk, out, c, dense, n, k, v,
+        zk if zk is not None else dummy, ids, ids.stride(0), vals, vals.stride(0), lse_b,
+        lse_out if lse_out is not None else dummy, stats if stats is not None else dummy, out, c, dense,
+        n, k, v,
         1.0 / opts.temperature, opts.kd_scale / opts.temperature, lw, l1mw, LOG_TAIL_FLOOR,
         DIV=_div_code(opts), TAIL=TAILS.index(opts.tail), WEIGHTS=opts.values == "weights",
         P_TAIL=opts.tail == "bucket" and opts.values != "weights", COEF=coef, BLOCK_N=block_n, KP=kp)
@@ -300,12 +295,11 @@ def linear_sparse_kd_forward(hs, ws, bs, ids, vals, labels, opts: KDOptions):
     s = linear_head(hs, ws, bs, opts.student_softcap)
     n, v = hs.shape[0], ws.shape[0]
     ids, vals = _row_major(ids), _row_major(vals)
-    has_tail = bool(opts.kd_weight) and opts.tail != "renorm_both"
-    lse_b, lse_1, ce, lse_o = _student_lses(s, n, v, labels, opts, ids if has_tail else None)
+    lse_b, lse_1, ce, lse_o, zk = _student_lses(s, n, v, labels, opts, ids if opts.kd_weight else None)
     loss = torch.zeros_like(lse_b)
     stats = torch.zeros((n, 4), dtype=torch.float32, device=hs.device)
     if opts.kd_weight:
-        rows = _sparse_rows(_gather(s, ids), ids, vals, lse_b, lse_o, None, v, opts, coef=False)
+        rows = _sparse_rows(zk, ids, vals, lse_b, lse_o, None, v, opts, coef=False)
         loss = opts.kd_scale * rows[:, 1]
         stats[:, 0], stats[:, 2], stats[:, 3] = rows[:, 0], rows[:, 3], rows[:, 2]
     stats[:, 1] = lse_1
@@ -322,17 +316,19 @@ def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, o
     k = ids.shape[1]
     has_kd = bool(opts.kd_weight)
     if has_kd:
-        coef, dense = _sparse_rows(_gather(s, ids), ids, vals, stats[:, 0].contiguous(), None, stats, v,
-                                   opts, coef=True)
+        lpk, dense = _sparse_rows(None, ids, vals, stats[:, 0].contiguous(), None, stats, v, opts,
+                                  coef=True)
     else:
-        coef = dense = stats
+        lpk = dense = stats
     tiles = linear_tiles(hs.device)
+    lw, l1mw = _mix_logs(opts)
 
     def write_chunk(g, c0, c1):
         grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(c1 - c0, tiles.block_v))
-        _sparse_grad_kernel[grid](s.x, s.sxn, s.w, s.swv, s.b, s.H, s.cap, ids, ids.stride(0), coef,
+        _sparse_grad_kernel[grid](s.x, s.sxn, s.w, s.swv, s.b, s.H, s.cap, ids, ids.stride(0), lpk,
                                   dense, labels, stats, grad_rows, g, g.stride(0), n, v, k, c0, c1,
-                                  1.0 / opts.temperature, float(opts.ce_weight), HAS_KD=has_kd,
+                                  1.0 / opts.temperature, opts.kd_scale / opts.temperature,
+                                  float(opts.ce_weight), lw, l1mw, DIV=_div_code(opts), HAS_KD=has_kd,
                                   HAS_DENSE=opts.tail != "renorm_both", HAS_CE=opts.ce_weight != 0,
                                   HAS_BIAS=s.has_bias, HAS_CAP=s.has_cap, IEEE=_ieee(s),
                                   **tiles.launch())

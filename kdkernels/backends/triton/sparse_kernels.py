@@ -1,51 +1,26 @@
 """Kernels of the cached sparse teacher (fused_linear_sparse_kd_loss), docs/semantics.md "Sparse".
 
-Per row, K = valid ids (id >= 0) of k slots, b = z / T, z = softcap(h W^T + bias):
+Per row, K = valid ids (id >= 0) of k slots, b = z / T, z = softcap(h W^T + bias). The logits at
+K, zK, come from dense_kernels._lse_kernel (HAS_IDS), picked from the same tiles as the LSE.
 
-  _gather_kernel       zK_i = z[id_i] as k dot products h . W[id_i] (+ bias, softcap), fp32.
-                       Reads H + k*H elements per row, writes k floats.
   _sparse_rows_kernel  the k + 1 outcomes (bucket / renorm_teacher: K plus the tail P, Q with
                        Q = 1 - sum_K q from the full-vocabulary LSE(b) while Q >= 1/2, else the
                        student's mass summed outside K; renorm_both: K only):
                          D = sum_K f + f(P, Q),  S = sum_K qh + qh(P, Q),  h_Q = qh(P, Q) / Q
-                       forward writes [LSE, D, S, h_Q]; with COEF it writes the backward's slot
-                       coefficients c_i = kd_scale/T (qh_i - q_i S) and the dense coefficient
-                       kd_scale/T (h_Q - S) of the tokens outside K (0 for renorm_both).
+                       forward writes [LSE, D, S, h_Q]; with COEF it writes the backward's inputs:
+                       the (renormalized) teacher log-probs at the k slots and the dense
+                       coefficient kd_scale/T (h_Q - S) of the tokens outside K (0 for renorm_both).
                        O(k) per row.
-  _sparse_grad_kernel  g_j = grad_row * dz/dx_j * [dense_coef q_j [j not in K] + sum_i c_i [j = id_i]
-                       + ce_w (softmax(z)_j - [j = y])] for columns [c_start, c_end), recomputing
-                       the logit tile with tl.dot; the k corrections are folded into the tile by a
-                       loop over the slots (no scatter, no atomics). Writes one (rows, cols) block.
+  _sparse_grad_kernel  g_j = grad_row * dz/dx_j * [kd_scale/T (qh_j - q_j S) at j in K,
+                       dense_coef q_j outside K, + ce_w (softmax(z)_j - [j = y])] for columns
+                       [c_start, c_end), recomputing the logit tile with tl.dot; K is marked in
+                       the tile by a loop over the slots (no scatter, no atomics), so q_j and
+                       qh_j at K come from the recomputed tile itself. Writes one (rows, cols) block.
 """
 import triton
 import triton.language as tl
 
 from .tl_utils import NEG_INF, element_terms, linear_tile, log1mexp, masked_lse
-
-
-@triton.jit
-def _gather_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, ids_ptr, stride_in, out_ptr, N, K, H,
-                   cap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
-                   KP: tl.constexpr, BLOCK_H: tl.constexpr):
-    row = tl.program_id(0)
-    slots = tl.arange(0, KP)
-    smask = slots < K
-    ids = tl.load(ids_ptr + row * stride_in + slots, mask=smask, other=-1)
-    valid = ids >= 0
-    safe = tl.where(valid, ids, 0)
-    acc = tl.zeros((KP,), tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        kh = h0 + tl.arange(0, BLOCK_H)
-        kmask = kh < H
-        hv = tl.load(h_ptr + row.to(tl.int64) * stride_hn + kh, mask=kmask, other=0.0).to(tl.float32)
-        wv = tl.load(w_ptr + safe[:, None] * stride_wv + kh[None, :],
-                     mask=valid[:, None] & kmask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(wv * hv[None, :], 1)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + safe, mask=valid, other=0.0).to(tl.float32)
-    if HAS_CAP:
-        acc = cap * (1.0 - 2.0 / (tl.exp(2.0 * acc / cap) + 1.0))
-    tl.store(out_ptr + row * K + slots, acc, mask=smask)
 
 
 @triton.jit
@@ -65,34 +40,33 @@ def _sparse_rows_kernel(zk_ptr, ids_ptr, stride_in, vals_ptr, stride_vn, lse_ptr
     m2 = rmask[:, None] & (slots < K)[None, :]
     ids = tl.load(ids_ptr + rows[:, None] * stride_in + slots[None, :], mask=m2, other=-1)
     valid = m2 & (ids >= 0)
-    bk = tl.load(zk_ptr + rows[:, None] * K + slots[None, :], mask=m2, other=0.0) * inv_T
     lp = tl.load(vals_ptr + rows[:, None] * stride_vn + slots[None, :], mask=valid, other=1.0).to(tl.float32)
     if WEIGHTS:
         lp = tl.log(lp)
     lp = tl.where(valid, lp, NEG_INF)
     if TAIL != 0:   # renormalized teacher
         lp = lp - tl.maximum(masked_lse(lp, valid, 1), -1e30)[:, None]
-    if TAIL == 2:
-        lse = masked_lse(bk, valid, 1)
-    else:
-        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
-    lq = tl.where(valid, bk - lse[:, None], NEG_INF)
-    fk, qhk = element_terms(lp, lq, DIV, LOG_W, LOG_1MW)
-    fk = tl.where(valid, fk, 0.0)
-    qhk = tl.where(valid, qhk, 0.0)
     if COEF:
-        # at K: qh_j - q_j S (replaced, not corrected from the tail's value: that cancels when
-        # |h_Q| >> 1); outside K every token carries q_j (h_Q - S): the dense coefficient
+        # the backward evaluates qh_j - q_j S at K inside its tiles, from these (renormalized)
+        # teacher log-probs; outside K every token carries q_j (h_Q - S): the dense coefficient
         hQ = tl.load(stats_ptr + rows * 4 + 2, mask=rmask, other=0.0)
         S = tl.load(stats_ptr + rows * 4 + 3, mask=rmask, other=0.0)
-        c = tl.where(valid, (qhk - tl.exp(lq) * S[:, None]) * kd_coef, 0.0)
         if TAIL == 2:
             dense = tl.zeros((BLOCK_N,), tl.float32)
         else:
             dense = (hQ - S) * kd_coef
-        tl.store(coef_ptr + rows[:, None] * K + slots[None, :], c, mask=m2)
+        tl.store(coef_ptr + rows[:, None] * K + slots[None, :], lp, mask=m2)
         tl.store(dense_ptr + rows, dense, mask=rmask)
     else:
+        bk = tl.load(zk_ptr + rows[:, None] * KP + slots[None, :], mask=m2, other=0.0) * inv_T
+        if TAIL == 2:
+            lse = masked_lse(bk, valid, 1)
+        else:
+            lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+        lq = tl.where(valid, bk - lse[:, None], NEG_INF)
+        fk, qhk = element_terms(lp, lq, DIV, LOG_W, LOG_1MW)
+        fk = tl.where(valid, fk, 0.0)
+        qhk = tl.where(valid, qhk, 0.0)
         D = tl.sum(fk, 1)
         S = tl.sum(qhk, 1)
         hQ = tl.zeros((BLOCK_N,), tl.float32)
@@ -121,8 +95,9 @@ def _sparse_rows_kernel(zk_ptr, ids_ptr, stride_in, vals_ptr, stride_vn, lse_ptr
 
 @triton.jit
 def _sparse_grad_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, H, cap, ids_ptr, stride_in,
-                        coef_ptr, dense_ptr, labels_ptr, stats_ptr, grad_rows_ptr, out_ptr,
-                        stride_on, N, V, K, c_start, c_end, inv_T, ce_w,
+                        lpk_ptr, dense_ptr, labels_ptr, stats_ptr, grad_rows_ptr, out_ptr,
+                        stride_on, N, V, K, c_start, c_end, inv_T, kd_coef, ce_w, LOG_W, LOG_1MW,
+                        DIV: tl.constexpr,
                         HAS_KD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_CE: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -138,16 +113,24 @@ def _sparse_grad_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, H, cap, ids_p
     g = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
     if HAS_KD:
         in_k = tl.zeros((BLOCK_N, BLOCK_V), tl.int1)
+        lp = tl.full((BLOCK_N, BLOCK_V), NEG_INF, tl.float32)
         for i in range(0, K):
             idx = tl.load(ids_ptr + rows * stride_in + i, mask=rmask, other=-1)
-            c = tl.load(coef_ptr + rows * K + i, mask=rmask, other=0.0)
+            lpi = tl.load(lpk_ptr + rows * K + i, mask=rmask, other=NEG_INF)
             hit = cols[None, :] == idx[:, None]
             in_k = in_k | hit
-            g += tl.where(hit, c[:, None], 0.0)
+            lp = tl.where(hit, lpi[:, None], lp)
+        lse = tl.load(stats_ptr + rows * 4 + 0, mask=rmask, other=0.0)
+        S = tl.load(stats_ptr + rows * 4 + 3, mask=rmask, other=0.0)
+        lq = z * inv_T - lse[:, None]
+        q = tl.exp(lq)
+        _, qh = element_terms(lp, lq, DIV, LOG_W, LOG_1MW)
+        gk = (qh - q * S[:, None]) * kd_coef
         if HAS_DENSE:
-            lse = tl.load(stats_ptr + rows * 4 + 0, mask=rmask, other=0.0)
             dense = tl.load(dense_ptr + rows, mask=rmask, other=0.0)
-            g += tl.where(in_k, 0.0, tl.exp(z * inv_T - lse[:, None]) * dense[:, None])
+            g = tl.where(in_k, gk, q * dense[:, None])
+        else:
+            g = tl.where(in_k, gk, 0.0)
     if HAS_CE:
         lab = tl.load(labels_ptr + rows, mask=rmask, other=-1)
         lse1 = tl.load(stats_ptr + rows * 4 + 1, mask=rmask, other=0.0)
