@@ -35,7 +35,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = ("sparse", "dense", "kd", "topk", "sample")

@@ -10,7 +10,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import kdkernels.backends.torch as TORCH  # noqa: E402
+import kdkernels.backends.torch as TORCH  # noqa: E402,F401  (re-exported for the tests)
 import kdkernels.backends.triton as TRITON  # noqa: E402
 
 
