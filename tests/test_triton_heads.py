@@ -65,7 +65,9 @@ def test_topk_exact_ties_smaller_id_first():
         got = U.TRITON.linear_topk(hid, w, None, k, KDOptions())
         ref = U.TORCH.linear_topk(hid, w, None, k, KDOptions())
         assert torch.equal(got[1], ref[1]), f"k={k}: tie order differs"
-        assert torch.equal(got[0], ref[0])
+        # the values are exact integers; only LSE's rounding (split merge vs one pass) may differ
+        ulp = 4 * 2.0 ** -23 * float(ref[2].abs().max())
+        assert (got[0] - ref[0]).abs().max() <= ulp
 
 
 def test_topk_minus_inf_logits():

@@ -93,7 +93,8 @@ def _configs(full: bool):
                      "b_ptr": PTR[dt], "H": "i32", "cap": "fp32"}
         for kp in ((16, 64, 256) if full else (64,)):
             yield (f"_topk_kernel[KP={kp}]", K._topk_kernel,
-                   {**head_args, "keys_ptr": "*i64", "lse_ptr": "*fp32", "N": "i32", "V": "i32", "inv_T": "fp32"},
+                   {**head_args, "keys_ptr": "*i64", "lse_ptr": "*fp32", "N": "i32", "V": "i32", "inv_T": "fp32",
+                    "cols_per_split": "i32", "n_splits": "i32"},
                    {"HAS_BIAS": True, "HAS_CAP": True, "IEEE": ieee, "KP": kp, **lin}, dict(num_warps=8))
         yield ("_sample_kernel", K._sample_kernel,
                {**head_args, "u_ptr": "*fp64", "stride_un": "i32", "out_ptr": "*i64", "lse_ptr": "*fp32",

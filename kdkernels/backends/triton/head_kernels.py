@@ -33,10 +33,15 @@ def _pack(z, cols):
 
 @triton.jit
 def _topk_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, H, cap, keys_ptr, lse_ptr, N, V,
-                 inv_T, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, IEEE: tl.constexpr,
-                 KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 inv_T, cols_per_split, n_splits, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
+                 IEEE: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                  BLOCK_H: tl.constexpr):
+    """One vocabulary split per program along grid axis 1: keys (N, splits, KP) and partial LSEs
+    (N, splits), merged on the host."""
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    v0 = pid_s * cols_per_split
+    v1 = tl.minimum(v0 + cols_per_split, V)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     slots = tl.arange(0, KP)
@@ -46,11 +51,11 @@ def _topk_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, H, cap, keys_ptr, ls
     # removed candidates sink lower still
     best = (tl.full((BLOCK_N, KP), -2139095042, tl.int32).to(tl.int64) << 32) | slots.to(tl.int64)[None, :]
     lowest = tl.full((BLOCK_N, BLOCK_V), -2139095043, tl.int32).to(tl.int64) << 32
-    for c0 in range(0, V, BLOCK_V):
+    for c0 in range(v0, v1, BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V)
         z = linear_tile(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, rows, cols, N, V, H, cap,
                         HAS_BIAS, HAS_CAP, IEEE, BLOCK_N, BLOCK_V, BLOCK_H) * inv_T
-        z = tl.where((cols < V)[None, :], z, NEG_INF)
+        z = tl.where((cols < v1)[None, :], z, NEG_INF)
         m, s = lse_update(m, s, z)
         # tile entries above the row's current k-th best enter one at a time, largest first,
         # each replacing the row's smallest kept key; rows with nothing left do nothing.
@@ -65,8 +70,9 @@ def _topk_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, H, cap, keys_ptr, ls
             best = tl.where(take, top[:, None], best)
             cand = tl.where(cand == top[:, None], lowest, cand)
     lse = lse_finish(m, s)
-    tl.store(keys_ptr + rows[:, None] * KP + slots[None, :], best, mask=rmask[:, None])
-    tl.store(lse_ptr + rows, lse, mask=rmask)
+    out = rows * n_splits + pid_s
+    tl.store(keys_ptr + out[:, None] * KP + slots[None, :], best, mask=rmask[:, None])
+    tl.store(lse_ptr + out, lse, mask=rmask)
 
 
 @triton.jit

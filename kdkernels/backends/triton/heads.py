@@ -6,6 +6,7 @@ import triton
 
 from ...options import KDOptions
 from .head_kernels import _sample_kernel, _topk_kernel
+from .config import Tiles, vocab_splits
 from .losses import _ieee, linear_head
 
 MAX_K = 256
@@ -22,12 +23,16 @@ def linear_topk(h, w, bias, k: int, opts: KDOptions):
         block_n, block_v, block_h, warps = 64, 128, 64, 8
     else:
         block_n, block_v, block_h, warps = 64, 256, 64, 4
-    keys = torch.empty((n, kp), dtype=torch.int64, device=dev)
-    lse = torch.empty(n, dtype=torch.float32, device=dev)
-    _topk_kernel[(triton.cdiv(n, block_n),)](
+    per, splits = vocab_splits(dev, n, v, Tiles(block_n, block_v, block_h))
+    keys = torch.empty((n, splits * kp), dtype=torch.int64, device=dev)
+    lse = torch.empty((n, splits), dtype=torch.float32, device=dev)
+    _topk_kernel[(triton.cdiv(n, block_n), splits)](
         head.x, head.sxn, head.w, head.swv, head.b, head.H, head.cap, keys, lse, n, v,
-        1.0 / opts.temperature, HAS_BIAS=head.has_bias, HAS_CAP=head.has_cap, IEEE=_ieee(head), KP=kp,
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=warps, num_stages=2)
+        1.0 / opts.temperature, per, splits, HAS_BIAS=head.has_bias, HAS_CAP=head.has_cap,
+        IEEE=_ieee(head), KP=kp, BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, num_warps=warps,
+        num_stages=2)
+    lse = torch.logsumexp(lse, 1)
+    # keys are distinct across splits (ids differ), so the merged order is exact
     values, ids = unpack_keys(keys.sort(1, descending=True).values[:, :k])
     return values - lse.unsqueeze(1), ids, lse
 
