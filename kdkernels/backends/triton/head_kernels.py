@@ -8,7 +8,8 @@ _topk_kernel    running top-k per row plus the online LSE. A candidate is one in
                 row's current k-th best replace it one at a time, largest first (the trip count is
                 the most entries any row of the block admits, small after the first tiles).
                 No tl.sort: the interpreter runs it ~1 s per call. The host sorts the N x KP keys.
-                Reads N*H + (N / BLOCK_N) * V*H elements; writes KP keys + 1 LSE per row.
+                Reads N*H*splits + (N / BLOCK_N) * V*H elements; writes KP keys + 1 LSE per
+                row and vocabulary split (grid axis 1), merged on the host.
 _sample_kernel  loop 1: online LSE and the total mass sum_j exp(z_j - LSE) in fp64;
                 loop 2: running fp64 CDF; draw r = #{j : CDF(j) <= u_r * total} (the smallest j with
                 CDF(j) > u_r * total), capped at the last id of nonzero probability so rounding never
