@@ -35,11 +35,8 @@ class NativeBuildError(RuntimeError):
 
 
 def _version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("kdkernels")
-    except Exception:  # not installed (running from a checkout)
-        return "0+src"
+    from ... import __version__  # the package's own constant (installed metadata may be stale)
+    return __version__
 
 
 def cache_root() -> Path:
@@ -110,8 +107,8 @@ def missing_tools(cuda: bool) -> Optional[str]:
 def _seed_from_previous(out: Path) -> None:
     """Copy the newest earlier build of the same kind (other source hash) into `out`, so ninja
     recompiles only the sources whose content or headers changed (its .d files track headers)."""
-    prefix = out.parent.name.rsplit("-", 1)[0] + "-"
-    olds = [d / out.name for d in out.parent.parent.glob(prefix + "*")
+    torch_py = out.parent.name.rsplit("-", 1)[0].split("-torch", 1)[-1]  # same torch and Python
+    olds = [d / out.name for d in out.parent.parent.glob(f"*-torch{torch_py}-*")
             if d != out.parent and (d / out.name / "build.ninja").is_file()]
     if not olds:
         return
@@ -132,7 +129,7 @@ def _jit_build(cuda: bool) -> ModuleType:
     out.mkdir(parents=True, exist_ok=True)
     srcs = cfg.sources(cfg.CUDA_SOURCES if cuda else cfg.CPU_SOURCES)
     print(f"kdkernels: compiling the native {'CUDA' if cuda else 'CPU'} extension into {out} "
-          f"(once per machine; {'a few minutes' if cuda else 'about a minute'})...", file=sys.stderr,
+          f"(once per machine; a few minutes)...", file=sys.stderr,
           flush=True)
     t0 = time.time()
     kwargs = dict(name=name, sources=srcs, extra_include_paths=cfg.include_dirs(),

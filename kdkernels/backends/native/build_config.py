@@ -3,6 +3,7 @@ the JIT loader (_loader.py). Plain data and path helpers only: importing this fi
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -50,12 +51,15 @@ def include_dirs() -> list[str]:
     return dirs
 
 
+@functools.lru_cache(maxsize=None)
 def sources_present() -> bool:
     return all((CSRC / n).is_file() for n in CPU_SOURCES + HEADERS)
 
 
+@functools.lru_cache(maxsize=None)
 def source_hash(cuda: bool) -> str:
-    """Hash of every source, header and flag of one extension: the cache directory key."""
+    """Hash of every source, header and flag of one extension: the cache directory key (computed
+    once per process: dispatch "auto" asks on every call)."""
     h = hashlib.sha256()
     names = CPU_SOURCES + HEADERS + (CUDA_SOURCES + CUDA_HEADERS if cuda else [])
     for n in sorted(names):
