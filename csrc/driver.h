@@ -311,21 +311,32 @@ Tensors2 linear_sparse_kd_forward(const Tensor& hs, const Tensor& ws, const c10:
   const auto o = hs.options().dtype(acc_dtype(hs));
   const Tensor ids = ids_in.contiguous(), vals = vals_in.contiguous(), lab = labels.contiguous();
   const int64_t k = ids.size(1);
-  const int64_t cols = chunk_cols(n, v, hs.element_size(), p.chunk_bytes);
+  const bool tail_out = kd && p.tail != kRenormBoth;  // needs LSE of b over the tokens outside K
+  const int64_t cols = chunk_cols(n, v, hs.element_size() + (tail_out ? 1 : 0), p.chunk_bytes);
   Tensor st = lse_state(n, o);
+  Tensor st_out = at::empty({n, 2}, o);
+  st_out.select(1, 0).fill_(-std::numeric_limits<double>::infinity());
+  st_out.select(1, 1).zero_();
   Tensor zK = at::zeros({n, k}, o);
   for (int64_t v0 = 0; v0 < v; v0 += cols) {
     const int64_t w = std::min(cols, v - v0);
     Tensor z = head_logits(hs, ws, bs, v0, w);
     Epi::lse_update(z, Tensor(), v0, lab, st, p);
     if (kd) Epi::sparse_gather(z, v0, ids, zK, p);
+    if (tail_out) {  // mask (N, W) of the chunk's columns that are valid ids of the row
+      const Tensor in = (ids >= v0) & (ids < v0 + w);
+      Tensor mask = at::zeros({n, w}, hs.options().dtype(at::kByte));
+      mask.scatter_reduce_(1, at::where(in, ids - v0, at::zeros_like(ids)), in.to(at::kByte), "amax");
+      Epi::lse_out_update(z, mask, st_out, p);
+    }
   }
   Tensor lse_1 = ce ? lse_col(st, 1) : at::zeros({n}, o);
   Tensor loss = at::zeros({n}, o);
   Tensor stats;
   if (kd) {
     Tensor r = at::empty({n, 5}, o);
-    Epi::sparse_finalize(ids, vals, zK, lse_col(st, 0).contiguous(), r, v, p);
+    const Tensor lse_out = (st_out.select(1, 0) + st_out.select(1, 1).log()).contiguous();
+    Epi::sparse_finalize(ids, vals, zK, lse_col(st, 0).contiguous(), lse_out, r, v, p);
     stats = at::stack({r.select(1, 3), lse_1, r.select(1, 2), r.select(1, 1), r.select(1, 4)}, 1);
     loss = r.select(1, 0) * p.kd_scale;
   } else {

@@ -47,13 +47,16 @@ struct Params {
   static void dense_grad(const Tensor& xs, const Tensor& xt, int64_t v0, const Tensor& labels,      \
                          const Tensor& stats, const Tensor& grad_rows, const Tensor& g,             \
                          const Params& p);                                                          \
+  /* state (N, 2) += running [m, s] of b over the chunk entries whose mask (N, W) uint8 is 0 */     \
+  static void lse_out_update(const Tensor& xs, const Tensor& mask, const Tensor& state,             \
+                             const Params& p);                                                      \
   /* zK (N, k) = softcap(x) at the ids that fall in the chunk */                                     \
   static void sparse_gather(const Tensor& xs, int64_t v0, const Tensor& ids, const Tensor& zK,      \
                             const Params& p);                                                       \
   /* out (N, 5) = [D, S, hQ, lse, lnorm] per row */                                                  \
   static void sparse_finalize(const Tensor& ids, const Tensor& vals, const Tensor& zK,              \
-                              const Tensor& lse_b, const Tensor& out, int64_t vocab,                \
-                              const Params& p);                                                     \
+                              const Tensor& lse_b, const Tensor& lse_out, const Tensor& out,        \
+                              int64_t vocab, const Params& p);                                      \
   /* g (N, W) = grad_rows * d(loss)/d(x) of the chunk (sparse teacher) */                            \
   static void sparse_grad(const Tensor& xs, int64_t v0, const Tensor& ids, const Tensor& vals,      \
                           const Tensor& labels, const Tensor& stats, const Tensor& grad_rows,       \

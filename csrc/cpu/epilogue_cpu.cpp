@@ -114,6 +114,34 @@ void row_terms(const T* x, const T* t, int64_t w, F inv_t, F cap_s, F cap_t, F l
   s_out = static_cast<F>(st);
 }
 
+template <class T, class F>
+F row_max_unmasked(const T* x, const uint8_t* mask, int64_t n) {
+  F m = neg_inf<F>();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) {
+    const F v = mask[j] ? neg_inf<F>() : static_cast<F>(x[j]);
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+// sum over unmasked j of exp(softcap(x_j) * scale - shift), blocked like row_sumexp
+template <bool CS, class T, class F>
+F row_sumexp_unmasked(const T* x, const uint8_t* mask, int64_t n, F cap, F scale, F shift) {
+  double total = 0.0;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t e = std::min(n, b + kBlock);
+    F s = F(0);
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = b; j < e; ++j) {
+      const F t = exp_(cap_<CS>(static_cast<F>(x[j]), cap) * scale - shift);
+      s += mask[j] ? F(0) : t;
+    }
+    total += static_cast<double>(s);
+  }
+  return static_cast<F>(total);
+}
+
 template <class Fn>
 void with_flag(bool flag, Fn&& fn) {
   if (flag) fn(std::true_type{});
@@ -284,6 +312,30 @@ void CpuEpi::dense_grad(const Tensor& xs, const Tensor& xt, int64_t v0, const Te
   });
 }
 
+void CpuEpi::lse_out_update(const Tensor& xs, const Tensor& mask, const Tensor& state, const Params& p) {
+  const int64_t n = xs.size(0), w = xs.size(1);
+  KD_DISPATCH_FLOAT(xs.scalar_type(), "kd_lse_out_update_cpu", [&] {
+    using T = scalar_t;
+    using F = acc_t<T>;
+    const F inv_t = F(1.0 / p.temperature), cap = F(p.cap_s);
+    F* st = state.data_ptr<F>();
+    const uint8_t* mk = mask.data_ptr<uint8_t>();
+    for_rows(n, [&](int64_t r) {
+      const T* x = row_ptr<T>(xs, r);
+      const uint8_t* m = mk + r * w;
+      const F xmax = row_max_unmasked<T, F>(x, m, w);
+      if (!(xmax > neg_inf<F>())) return;
+      const F shift = softcap(xmax, cap) * inv_t;
+      Lse<F> l{st[r * 2], st[r * 2 + 1]};
+      with_cap(p.cap_s, [&](auto cs) {
+        l.merge(shift, row_sumexp_unmasked<decltype(cs)::value, T, F>(x, m, w, cap, inv_t, shift));
+      });
+      st[r * 2] = l.m;
+      st[r * 2 + 1] = l.s;
+    });
+  });
+}
+
 void CpuEpi::sparse_gather(const Tensor& xs, int64_t v0, const Tensor& ids, const Tensor& zK,
                            const Params& p) {
   const int64_t n = xs.size(0), w = xs.size(1), k = ids.size(1);
@@ -304,7 +356,8 @@ void CpuEpi::sparse_gather(const Tensor& xs, int64_t v0, const Tensor& ids, cons
 }
 
 void CpuEpi::sparse_finalize(const Tensor& ids, const Tensor& vals, const Tensor& zK,
-                             const Tensor& lse_b, const Tensor& out, int64_t vocab, const Params& p) {
+                             const Tensor& lse_b, const Tensor& lse_out, const Tensor& out, int64_t vocab,
+                             const Params& p) {
   const int64_t n = ids.size(0), k = ids.size(1);
   const bool f64 = zK.scalar_type() == at::kDouble;
   KD_DISPATCH_FLOAT(vals.scalar_type(), "kd_sparse_finalize_cpu", [&] {
@@ -317,12 +370,13 @@ void CpuEpi::sparse_finalize(const Tensor& ids, const Tensor& vals, const Tensor
       const VT* v = vals.data_ptr<VT>();
       const F* z = zK.data_ptr<F>();
       const F* lse = lse_b.data_ptr<F>();
+      const F* lse_o = lse_out.data_ptr<F>();
       F* o = out.data_ptr<F>();
       with_divergence(p.divergence, [&](auto tag) {
         constexpr int DIV = decltype(tag)::value;
         for_rows(n, [&](int64_t r) {
           const SparseRow<F> s = sparse_row<DIV, F, VT>(k, id + r * k, v + r * k, z + r * k, inv_t,
-                                                        lse[r], vocab, static_cast<int>(p.tail),
+                                                        lse[r], lse_o[r], vocab, static_cast<int>(p.tail),
                                                         p.weights, mix);
           F* row = o + r * 5;
           row[0] = s.D; row[1] = s.S; row[2] = s.hQ; row[3] = s.lse; row[4] = s.lnorm;
@@ -345,7 +399,6 @@ void CpuEpi::sparse_grad(const Tensor& xs, int64_t v0, const Tensor& ids, const 
       const F inv_t = F(1.0 / p.temperature), cap = F(p.cap_s);
       const F c_kd = F(p.kd_scale / p.temperature), ce_w = F(p.ce_weight);
       const bool kd = p.kd_scale != 0.0, dense_tail = kd && p.tail != kRenormBoth;
-      const int tail = static_cast<int>(p.tail);
       const Mix<F> mix = Mix<F>::make(p.mix);
       const F* sts = stats.data_ptr<F>();
       const F* gr = grad_rows.data_ptr<F>();
@@ -377,15 +430,13 @@ void CpuEpi::sparse_grad(const Tensor& xs, int64_t v0, const Tensor& ids, const 
             });
           });
           if (!kd) return;
-          for (int64_t i = 0; i < k; ++i) {  // the k valid ids: rewrite with the correction
+          for (int64_t i = 0; i < k; ++i) {  // the k valid ids: rewritten with qh - q S
             const int64_t j = id[r * k + i] - v0;
             if (id[r * k + i] < 0 || j < 0 || j >= w) continue;
             const F z = softcap(static_cast<F>(x[j]), cap);
-            const F b = z * inv_t;
-            const F q = dense_tail ? exp_(b - lse) : F(0);
-            const F corr = sparse_correction<DIV, F, VT>(b, v[r * k + i], lse, lnorm, S, hQ, tail,
-                                                         p.weights, mix);
-            F val = c_kd * ((hQ - S) * (dense_tail ? F(1) : F(0)) * q + corr);
+            const F at_id = sparse_grad_at_id<DIV, F, VT>(z * inv_t, v[r * k + i], lse, lnorm, S,
+                                                          p.weights, mix);
+            F val = c_kd * at_id;
             if (ce != F(0)) val += ce * (exp_(z - lse_1) - (j == y ? F(1) : F(0)));
             out[j] = static_cast<T>(val * softcap_grad(z, cap) * scale);
           }

@@ -118,6 +118,34 @@ __global__ void dense_grad_kernel(const T* xs, int64_t lds, const T* xt, int64_t
   }
 }
 
+// Running LSE of softcap(x) * inv_t over the entries whose mask is 0. Block per row.
+template <class T, class F>
+__global__ void lse_out_kernel(const T* xs, int64_t lds, int64_t w, const uint8_t* mask, F* state, F inv_t,
+                               F cap) {
+  __shared__ F smem[32];
+  const int64_t r = blockIdx.x;
+  const T* x = row_of(xs, lds, r);
+  const uint8_t* m = mask + r * w;
+  F mx = neg_inf<F>();
+  for (int64_t j = threadIdx.x; j < w; j += blockDim.x) {
+    const F v = m[j] ? neg_inf<F>() : static_cast<F>(x[j]);
+    mx = v > mx ? v : mx;
+  }
+  mx = cuda::block_max(mx, smem);
+  if (!(mx > neg_inf<F>())) return;
+  const F shift = softcap(mx, cap) * inv_t;
+  F acc = F(0);
+  for (int64_t j = threadIdx.x; j < w; j += blockDim.x)
+    if (!m[j]) acc += exp_(softcap(static_cast<F>(x[j]), cap) * inv_t - shift);
+  acc = cuda::block_sum(acc, smem);
+  if (threadIdx.x == 0) {
+    Lse<F> l{state[r * 2], state[r * 2 + 1]};
+    l.merge(shift, acc);
+    state[r * 2] = l.m;
+    state[r * 2 + 1] = l.s;
+  }
+}
+
 template <class T, class F>
 __global__ void sparse_gather_kernel(const T* xs, int64_t lds, int64_t n, int64_t w, int64_t v0,
                                      const int64_t* ids, int64_t k, F* zK, F cap) {
@@ -129,12 +157,12 @@ __global__ void sparse_gather_kernel(const T* xs, int64_t lds, int64_t n, int64_
 
 template <int DIV, class F, class VT>
 __global__ void sparse_finalize_kernel(int64_t n, int64_t k, const int64_t* ids, const VT* vals,
-                                       const F* zK, const F* lse_b, F* out, int64_t vocab, F inv_t,
-                                       int tail, bool weights, Mix<F> mix) {
+                                       const F* zK, const F* lse_b, const F* lse_out, F* out,
+                                       int64_t vocab, F inv_t, int tail, bool weights, Mix<F> mix) {
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (r >= n) return;
   const SparseRow<F> s = sparse_row<DIV, F, VT>(k, ids + r * k, vals + r * k, zK + r * k, inv_t,
-                                                lse_b[r], vocab, tail, weights, mix);
+                                                lse_b[r], lse_out[r], vocab, tail, weights, mix);
   F* o = out + r * 5;
   o[0] = s.D; o[1] = s.S; o[2] = s.hQ; o[3] = s.lse; o[4] = s.lnorm;
 }
@@ -166,15 +194,12 @@ __global__ void sparse_grad_kernel(const T* xs, int64_t lds, int64_t w, int64_t 
     out[j] = static_cast<T>(val * softcap_grad(z, cap) * scale);
   }
   if (!kd) return;
-  __syncthreads();  // the dense values above are rewritten below at the k ids
+  __syncthreads();  // the values above are rewritten at the k ids with qh - q S
   for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
     const int64_t id = ids[r * k + i], j = id - v0;
     if (id < 0 || j < 0 || j >= w) continue;
     const F z = softcap(static_cast<F>(x[j]), cap);
-    const F b = z * inv_t;
-    const F q = dense_tail ? exp_(b - lse) : F(0);
-    const F corr = sparse_correction<DIV, F, VT>(b, vals[r * k + i], lse, lnorm, S, hQ, tail, weights, mix);
-    F val = c_kd * ((dense_tail ? (hQ - S) : F(0)) * q + corr);
+    F val = c_kd * sparse_grad_at_id<DIV, F, VT>(z * inv_t, vals[r * k + i], lse, lnorm, S, weights, mix);
     if (ce != F(0)) val += ce * (exp_(z - lse_1) - (j == y ? F(1) : F(0)));
     out[j] = static_cast<T>(val * softcap_grad(z, cap) * scale);
   }
@@ -311,6 +336,20 @@ void CudaEpi::dense_grad(const Tensor& xs, const Tensor& xt, int64_t v0, const T
   });
 }
 
+void CudaEpi::lse_out_update(const Tensor& xs, const Tensor& mask, const Tensor& state, const Params& p) {
+  const int64_t n = xs.size(0), w = xs.size(1);
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(xs.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  KD_DISPATCH_FLOAT(xs.scalar_type(), "kd_lse_out_update_cuda", [&] {
+    using F = acc_t<scalar_t>;
+    lse_out_kernel<scalar_t, F><<<rows_grid(n), kThreads, 0, stream>>>(
+        xs.data_ptr<scalar_t>(), xs.stride(0), w, mask.data_ptr<uint8_t>(), state.data_ptr<F>(),
+        F(1.0 / p.temperature), F(p.cap_s));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 void CudaEpi::sparse_gather(const Tensor& xs, int64_t v0, const Tensor& ids, const Tensor& zK,
                             const Params& p) {
   const int64_t n = xs.size(0), w = xs.size(1), k = ids.size(1);
@@ -328,7 +367,8 @@ void CudaEpi::sparse_gather(const Tensor& xs, int64_t v0, const Tensor& ids, con
 }
 
 void CudaEpi::sparse_finalize(const Tensor& ids, const Tensor& vals, const Tensor& zK,
-                              const Tensor& lse_b, const Tensor& out, int64_t vocab, const Params& p) {
+                              const Tensor& lse_b, const Tensor& lse_out, const Tensor& out, int64_t vocab,
+                              const Params& p) {
   const int64_t n = ids.size(0), k = ids.size(1);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(ids.device());
@@ -343,7 +383,7 @@ void CudaEpi::sparse_finalize(const Tensor& ids, const Tensor& vals, const Tenso
         constexpr int DIV = decltype(tag)::value;
         sparse_finalize_kernel<DIV, F, VT><<<blocks, 128, 0, stream>>>(
             n, k, ids.data_ptr<int64_t>(), vals.data_ptr<VT>(), zK.data_ptr<F>(), lse_b.data_ptr<F>(),
-            out.data_ptr<F>(), vocab, F(1.0 / p.temperature), static_cast<int>(p.tail), p.weights,
+            lse_out.data_ptr<F>(), out.data_ptr<F>(), vocab, F(1.0 / p.temperature), static_cast<int>(p.tail), p.weights,
             Mix<F>::make(p.mix));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });

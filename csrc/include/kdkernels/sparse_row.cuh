@@ -5,11 +5,14 @@
 //            tail mode renormalizes the teacher (renorm_teacher, renorm_both)
 //   log P  = max(log1mexp(LSE_K(lp)), log 1e-30) for bucket + logprobs; P = 0 otherwise
 //   lq_i   = b_i - lse (lse = LSE_K(b) for renorm_both)
-//   log Q  = max(log1mexp(LSE_K(lq)), log 1e-30); no tail outcome for renorm_both or when K = V
+//   log Q  = log1mexp(LSE_K(lq)) while that is >= log(1/2); below, LSE_{j not in K}(b_j) - lse
+//            (1 - sum_K q cancels once Q is small); clamped at log 1e-30. No tail outcome for
+//            renorm_both or when K = V
 //   D = sum_K f(p_i, q_i) + f(P, Q),   S = sum_K qh_i + qh(P, Q),   hQ = qh(P, Q) / Q
 // Backward, per element j of the row:
-//   dD/db_j = q_j (hQ - S) + [j in K] (qh_j - q_j hQ)         (bucket, renorm_teacher)
-//   dD/db_j = [j in K] (qh_j - q_j S)                          (renorm_both)
+//   dD/db_j = q_j (hQ - S) outside K, qh_j - q_j S at j in K   (bucket, renorm_teacher)
+//   dD/db_j = qh_j - q_j S at j in K, 0 outside                 (renorm_both)
+// The value at K is computed directly: dense + correction would cancel when |hQ| >> 1.
 //
 // Memory: reads k ids, k values and k gathered student logits of the row; registers otherwise.
 #pragma once
@@ -35,9 +38,11 @@ KD_HD F teacher_log_value(VT v, bool weights) {
 }
 
 // zK[i] is the (softcapped) student logit at ids[i] (anything at empty slots).
+// lse_out: LSE of b over the tokens outside K (used when Q < 1/2).
 template <int DIV, class F, class VT>
 KD_HD SparseRow<F> sparse_row(int64_t k, const int64_t* ids, const VT* vals, const F* zK, F inv_t,
-                              F lse_full, int64_t vocab, int tail, bool weights, const Mix<F>& mix) {
+                              F lse_full, F lse_out, int64_t vocab, int tail, bool weights,
+                              const Mix<F>& mix) {
   const F ninf = neg_inf<F>();
   const F floor_ = F(kLogTailFloor);
   Lse<F> lse_p = Lse<F>::empty(), lse_b = Lse<F>::empty();
@@ -73,6 +78,7 @@ KD_HD SparseRow<F> sparse_row(int64_t k, const int64_t* ids, const VT* vals, con
   out.hQ = F(0);
   if (tail != kRenormBoth && n_valid < vocab) {
     F log_q_tail = log1mexp(lse_q.value());
+    if (log_q_tail < F(-0.6931471805599453)) log_q_tail = lse_out - out.lse;
     log_q_tail = log_q_tail > floor_ ? log_q_tail : floor_;
     const Terms<F> t = element_terms<DIV, F>(log_p_tail, log_q_tail, mix);
     D += t.f;
@@ -84,14 +90,13 @@ KD_HD SparseRow<F> sparse_row(int64_t k, const int64_t* ids, const VT* vals, con
   return out;
 }
 
-// The gradient correction at a valid slot: (qh_i - q_i hQ), or (qh_i - q_i S) for renorm_both.
+// dD/db at a valid slot: qh_i - q_i S (every tail mode).
 template <int DIV, class F, class VT>
-KD_HD F sparse_correction(F b_i, VT v_i, F lse, F lnorm, F S, F hQ, int tail, bool weights,
-                          const Mix<F>& mix) {
+KD_HD F sparse_grad_at_id(F b_i, VT v_i, F lse, F lnorm, F S, bool weights, const Mix<F>& mix) {
   const F lq = b_i - lse;
   const F lp = teacher_log_value<F>(v_i, weights) - lnorm;
   const Terms<F> t = element_terms<DIV, F>(lp, lq, mix);
-  return t.qh - exp_(lq) * (tail == kRenormBoth ? S : hQ);
+  return t.qh - exp_(lq) * S;
 }
 
 }  // namespace kdkernels
