@@ -117,6 +117,29 @@ def test_extreme_logits(native, kd):
     assert torch.isfinite(loss) and torch.isfinite(zs.grad).all() and (zs.grad[1] == 0).all()
 
 
+@pytest.mark.parametrize("tail", ("bucket", "renorm_teacher", "renorm_both"))
+@pytest.mark.parametrize("hard", ("student_tail_far_below_teacher", "tail_underflow"))
+def test_hard_tails(native, kd, tail, hard):
+    """The sparse tail where 1 - sum_K q is rounding noise: a confident student (mass outside K
+    ~1e-13, or ~1e-43 below the 1e-30 clamp) against a teacher leaving P ~ 3e-5 (or ~0). Q must come
+    from the masked LSE over the tokens outside K and the gradient at K must not go through h_Q."""
+    n, v, k = 6, 37, 8
+    g = torch.Generator().manual_seed(3)
+    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in range(n)])
+    on_k = torch.zeros(n, v).scatter(1, ids, 1.0)
+    s_scale, t_scale = (30.0, 12.0) if hard == "student_tail_far_below_teacher" else (100.0, 100.0)
+    ws = (s_scale * on_k + 0.5 * torch.randn(n, v, generator=g)).T.contiguous()
+    zt = t_scale * on_k + torch.randn(n, v, generator=g, dtype=torch.float64)
+    vals = zt.log_softmax(-1).gather(1, ids).float()
+    case = kd.make_case(f"sparse:logprobs:{tail}", n=n, v=v, h_s=n)
+    case.tensors.update(student_hidden=torch.eye(n), student_weight=ws, teacher_ids=ids, teacher_values=vals)
+    for d in R.DIVERGENCES:
+        if d == "reverse_kl" and tail == "renorm_teacher":
+            continue
+        kd.check(case, dict(divergence=d, reduction="none", ce_weight=0.1, labels=ids[:, 0], backend="native",
+                            chunk_bytes=n * 2 * 32))
+
+
 def test_full_vocab_and_float64(native, kd):
     """k = V (no tail outcome) and float64 inputs, directly against the torch backend's contract
     functions (float64 end to end in both)."""
