@@ -38,23 +38,28 @@ def ce_rows(z: torch.Tensor, lse1: torch.Tensor, labels: torch.Tensor) -> torch.
     return torch.where(has, lse1 - picked, torch.zeros_like(lse1))
 
 
+def lse_rows(x: torch.Tensor) -> torch.Tensor:
+    """logsumexp over dim 1 with one (rows, V) temporary (all -inf rows give -inf, NaN stays NaN)."""
+    m = x.amax(1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=m.dtype, device=m.device))
+    return (x - m).exp_().sum(1).log_().add_(m.squeeze(1))
+
+
 def add_ce_grad(g: torch.Tensor, z: torch.Tensor, lse1: torch.Tensor, labels: torch.Tensor,
                 weight: float) -> torch.Tensor:
     """g += weight * (softmax(z) - onehot(label)) for rows with a label (in place on g, our buffer)."""
-    has = (labels >= 0).unsqueeze(1)
-    g.add_(torch.where(has, (z - lse1.unsqueeze(1)).exp(), torch.zeros((), device=g.device)), alpha=weight)
-    rows = torch.arange(g.shape[0], device=g.device)
-    g.index_put_((rows, labels.clamp_min(0)), torch.where(has.squeeze(1), -weight, 0.0).to(g.dtype),
-                 accumulate=True)
+    w = torch.where(labels >= 0, weight, 0.0).to(g.dtype).unsqueeze(1)
+    g.add_((z - lse1.unsqueeze(1)).exp_().mul_(w))
+    g.scatter_add_(1, labels.clamp_min(0).unsqueeze(1), -w)
     return g
 
 
 def finish_grad(g: torch.Tensor, z: torch.Tensor, cap: Optional[float],
                 grad_rows: torch.Tensor) -> torch.Tensor:
-    """Chain through the softcap and scale by the upstream per-row gradient; rows with a zero
-    upstream gradient get exactly 0 (even if their logits are NaN)."""
+    """In place on g (our buffer): chain through the softcap and scale by the upstream per-row
+    gradient; rows with a zero upstream gradient get exactly 0 (even if their logits are NaN)."""
     dcap = softcap_grad(z, cap)
     if dcap is not None:
-        g = g * dcap
-    g = g * grad_rows.unsqueeze(1)
-    return torch.where((grad_rows != 0).unsqueeze(1), g, torch.zeros((), dtype=g.dtype, device=g.device))
+        g.mul_(dcap)
+    g.mul_(grad_rows.unsqueeze(1).to(g.dtype))
+    return g.masked_fill_((grad_rows == 0).unsqueeze(1), 0.0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ...options import LOG_TAIL_FLOOR, KDOptions
-from .common import acc_dtype, add_ce_grad, ce_rows, finish_grad, row_block
+from .common import acc_dtype, add_ce_grad, ce_rows, finish_grad, lse_rows, row_block
 from .dense import alloc_head_grads, finish_head_grads, head_grads, linear_logits
 from .terms import element_terms
 
@@ -46,39 +46,61 @@ def teacher_logprobs(vals: torch.Tensor, valid: torch.Tensor, opts: KDOptions):
     return lp, log_p_tail
 
 
-def _sparse_terms(b, ids, vals, opts: KDOptions):
-    """Everything per row that the loss and the gradient need, from the block's scaled logits b."""
+def _k_terms(b, ids, vals, lse, opts: KDOptions):
+    """Per-row pieces at the k ids: (valid, lqK, qhK, D_K, S_K, lP); cheap, O(rows * k)."""
     valid = ids >= 0
-    bK = b.gather(1, ids.clamp_min(0))
     lpK, lP = teacher_logprobs(vals, valid, opts)
-    full = valid.sum(1) == b.shape[1]          # K covers the vocabulary: no tail outcome
-    if opts.tail == "renorm_both":
-        lse = _masked_lse(bK, valid)
-    else:
-        lse = torch.logsumexp(b, 1)
-    lqK = (bK - lse.unsqueeze(1)).masked_fill(~valid, _NEG_INF)
+    lqK = (b.gather(1, ids.clamp_min(0)) - lse.unsqueeze(1)).masked_fill(~valid, _NEG_INF)
     fK, qhK = element_terms(lpK, lqK, opts)
-    D, S = fK.sum(1), qhK.sum(1)
-    hQ, in_k = torch.zeros_like(D), None
+    return valid, lqK, qhK, fK.sum(1), qhK.sum(1), lP
+
+
+def _student_lse(b, ids, valid, opts: KDOptions):
+    """LSE(b) over the vocabulary, or over K for renorm_both."""
+    if opts.tail == "renorm_both":
+        return _masked_lse(b.gather(1, ids.clamp_min(0)), valid)
+    return lse_rows(b)
+
+
+def _log_q_tail(b, ids, valid, lqK, lse):
+    """log Q (docs/semantics.md): log1mexp(LSE_K(lq)) while Q >= 1/2; below, it cancels (to rounding
+    noise once Q < eps, and h_Q = qh(P, Q) / Q with it), so those rows sum q over the tokens outside
+    K. Only the rows that need it pay that extra pass (a host sync: forward only)."""
+    lQ = log1mexp(_masked_lse(lqK, valid))
+    low = lQ < -0.6931471805599453
+    if bool(low.any()):
+        rows = low.nonzero().squeeze(1)
+        br = b[rows]
+        br.masked_fill_(ids_mask(ids[rows], valid[rows], br.shape), _NEG_INF)
+        lQ[rows] = lse_rows(br) - lse[rows]
+    return lQ.clamp_min(LOG_TAIL_FLOOR)
+
+
+def _sparse_forward_rows(b, ids, vals, opts: KDOptions):
+    """(D, lse, h_Q, S) per row of the block's scaled logits b."""
+    valid = ids >= 0
+    lse = _student_lse(b, ids, valid, opts)
+    valid, lqK, qhK, D, S, lP = _k_terms(b, ids, vals, lse, opts)
+    hQ = torch.zeros_like(D)
     if opts.tail != "renorm_both":
-        in_k = ids_mask(ids, valid, b.shape)
-        # log Q = log(1 - sum_K q) is accurate while Q >= 1/2; below, it cancels (to rounding noise
-        # once Q < eps, and h_Q = qh(P, Q) / Q with it), so Q is summed over the tokens outside K.
-        lQ = log1mexp(_masked_lse(lqK, valid))
-        lQ_out = torch.logsumexp(b.masked_fill(in_k, _NEG_INF), 1) - lse
-        lQ = torch.where(lQ < -0.6931471805599453, lQ_out, lQ).clamp_min(LOG_TAIL_FLOOR)
+        full = valid.sum(1) == b.shape[1]          # K covers the vocabulary: no tail outcome
+        lQ = _log_q_tail(b, ids, valid, lqK, lse)
         fQ, qhQ = element_terms(lP.unsqueeze(1), lQ.unsqueeze(1), opts)
-        no_tail = full.unsqueeze(1)
-        fQ, qhQ = fQ.masked_fill(no_tail, 0.0).squeeze(1), qhQ.masked_fill(no_tail, 0.0).squeeze(1)
+        fQ = fQ.squeeze(1).masked_fill(full, 0.0)
+        qhQ = qhQ.squeeze(1).masked_fill(full, 0.0)
         D, S = D + fQ, S + qhQ
         hQ = qhQ * torch.exp(-lQ)
-    return valid, lse, lqK, qhK, D, S, hQ, in_k
+    return D, lse, hQ, S
 
 
 def ids_mask(ids: torch.Tensor, valid: torch.Tensor, shape) -> torch.Tensor:
     """(rows, V) bool: token j is one of the row's valid ids (empty slots write nothing)."""
     m = torch.zeros(shape, dtype=torch.uint8, device=ids.device)
     return m.scatter_reduce_(1, ids.clamp_min(0), valid.to(torch.uint8), "amax").bool()
+
+
+def _scaled(z: torch.Tensor, T: float) -> torch.Tensor:
+    return z if T == 1.0 else z / T
 
 
 def linear_sparse_kd_forward(hs, ws, bs, ids, vals, labels, opts: KDOptions):
@@ -90,18 +112,28 @@ def linear_sparse_kd_forward(hs, ws, bs, ids, vals, labels, opts: KDOptions):
     for r in range(0, n, step):
         s = slice(r, r + step)
         z = linear_logits(hs[s], ws, bs, opts.student_softcap)
-        lse1 = torch.logsumexp(z, 1) if opts.ce_weight else z.new_zeros(z.shape[0])
-        row = z.new_zeros(z.shape[0])
         st = z.new_zeros(z.shape[0], 4)
+        row = z.new_zeros(z.shape[0])
         if opts.kd_weight:
-            _, lse, _, _, D, S, hQ, _ = _sparse_terms(z / T, ids[s], vals[s], opts)
+            D, st[:, 0], st[:, 2], st[:, 3] = _sparse_forward_rows(_scaled(z, T), ids[s], vals[s], opts)
             row = opts.kd_scale * D
-            st[:, 0], st[:, 2], st[:, 3] = lse, hQ, S
         if opts.ce_weight:
-            row = row + opts.ce_weight * ce_rows(z, lse1, labels[s])
-        st[:, 1] = lse1
+            full_lse = opts.kd_weight and T == 1.0 and opts.tail != "renorm_both"
+            st[:, 1] = st[:, 0] if full_lse else lse_rows(z)
+            row = row + opts.ce_weight * ce_rows(z, st[:, 1], labels[s])
         loss[s], stats[s] = row, st
     return loss, stats
+
+
+def _replace_at_ids(g, idx, valid, values):
+    """g[row, idx] = values at the valid slots (ids are distinct within a row). Empty slots are
+    pointed at the row's first valid slot with that slot's value, so the scatter has no conflicting
+    duplicates; a row without valid ids rewrites its own value at column 0."""
+    first = valid.long().argmax(1, keepdim=True)
+    idx = torch.where(valid, idx, idx.gather(1, first))
+    values = torch.where(valid, values, values.gather(1, first))
+    values = torch.where(valid.any(1, keepdim=True), values, g.gather(1, idx))
+    g.scatter_(1, idx, values)
 
 
 def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, opts: KDOptions, need):
@@ -112,19 +144,24 @@ def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, o
     for r in range(0, n, step):
         s = slice(r, r + step)
         z = linear_logits(hs[s], ws, bs, opts.student_softcap)
-        g = torch.zeros_like(z)
         if opts.kd_weight:
-            b = z / T
-            valid, lse, lqK, qhK, _, _, _, in_k = _sparse_terms(b, ids[s], vals[s], opts)
-            lse, hQ, S = stats[s, 0:1], stats[s, 2:3], stats[s, 3:4]
+            b = _scaled(z, T)
+            lse, hQ, S = stats[s, 0], stats[s, 2:3], stats[s, 3:4]
+            valid, lqK, qhK, _, _, _ = _k_terms(b, ids[s], vals[s], lse, opts)
             idx = ids[s].clamp_min(0)
-            if opts.tail != "renorm_both":
-                # Outside K every token carries the tail's h_Q. At K that dense value is replaced,
-                # not corrected: q_j (h_Q - S) + q_j (h_j - h_Q) cancels catastrophically when
-                # |h_Q| >> 1 (forward KL: h_Q = -P/Q, huge when the student's tail << the teacher's).
-                g = ((b - lse).exp() * (hQ - S)).masked_fill_(in_k, 0.0)
-            g.scatter_add_(1, idx, (qhK - lqK.exp() * S).masked_fill(~valid, 0.0))
+            direct = (qhK - lqK.exp() * S).masked_fill(~valid, 0.0)
+            if opts.tail == "renorm_both":
+                g = torch.zeros_like(z).scatter_add_(1, idx, direct)
+            else:
+                # Outside K every token carries the tail's h_Q: q_j (h_Q - S). At K that value is
+                # replaced by qh_j - q_j S, not corrected: q_j (h_Q - S) + q_j (h_j - h_Q) cancels
+                # catastrophically when |h_Q| >> 1 (forward KL: h_Q = -P/Q, huge when the student's
+                # tail << the teacher's).
+                g = (b - lse.unsqueeze(1)).exp_().mul_(hQ - S)
+                _replace_at_ids(g, idx, valid, direct)
             g.mul_(opts.kd_scale / T)
+        else:
+            g = torch.zeros_like(z)
         if opts.ce_weight:
             g = add_ce_grad(g, z, stats[s, 1], labels[s], opts.ce_weight)
         g = finish_grad(g, z, opts.student_softcap, grad_rows[s])
