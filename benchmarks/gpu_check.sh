@@ -9,6 +9,8 @@ OUT_DIR=${1:-${OUT:-gpu-results}}
 mkdir -p "$OUT_DIR"
 PY=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export KDKERNELS_TEST_GPU=1   # tests/conftest.py: compiled Triton kernels, not the CPU interpreter
+unset TRITON_INTERPRET
 T0=$(date +%s)
 summary="$OUT_DIR/summary.txt"
 : > "$summary"

@@ -6,6 +6,15 @@ Exposed to tests through the `kd` fixture (a namespace), so no test imports conf
 """
 from __future__ import annotations
 
+import os
+
+# Triton decides interpreter vs compiled mode when a kernel is decorated, and caches the setting the
+# first time any @triton.jit runs (transformers defines some at import). The CPU test run is an
+# interpreter run, so the mode is set here, before any test module is imported. GPU runs
+# (benchmarks/gpu_check.sh) set KDKERNELS_TEST_GPU=1 to keep compiled kernels.
+if os.environ.get("KDKERNELS_TEST_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import types
 from dataclasses import dataclass, field
 from typing import Optional
