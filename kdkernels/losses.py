@@ -21,6 +21,62 @@ def _options(**kw) -> KDOptions:
     return KDOptions(**{k: v for k, v in kw.items() if v is not None})
 
 
+def _options_from(args: dict) -> KDOptions:
+    """The KDOptions among a public function's arguments (its locals())."""
+    return _options(**{k: args[k] for k in KDOptions.__dataclass_fields__ if k in args})
+
+
+def check_logits_args(a: dict) -> tuple[torch.device, KDOptions]:
+    """Argument checks of kd_loss (also used by its vocab-parallel form); a = the call's locals()."""
+    zs, zt, labels = a["student_logits"], a["teacher_logits"], a["labels"]
+    V.tensor("student_logits", zs, min_ndim=1, floating=True)
+    V.tensor("teacher_logits", zt, min_ndim=1, floating=True)
+    if zs.shape[:-1] != zt.shape[:-1]:
+        raise ValueError(f"student_logits {tuple(zs.shape)} and teacher_logits "
+                         f"{tuple(zt.shape)} must have the same leading (row) shape")
+    if labels is not None:
+        V.tensor("labels", labels, integer=True)
+    device = V.same_device(student_logits=zs, teacher_logits=zt, labels=labels)
+    return device, _options_from(a)
+
+
+def check_linear_args(a: dict) -> tuple[torch.device, KDOptions]:
+    """Argument checks of fused_linear_kd_loss (and its vocab-parallel form)."""
+    hs, ht, labels = a["student_hidden"], a["teacher_hidden"], a["labels"]
+    _check_head("student", hs, a["student_weight"], a["student_bias"])
+    _check_head("teacher", ht, a["teacher_weight"], a["teacher_bias"])
+    if hs.shape[:-1] != ht.shape[:-1]:
+        raise ValueError(f"student_hidden {tuple(hs.shape)} and teacher_hidden "
+                         f"{tuple(ht.shape)} must have the same leading (row) shape")
+    if labels is not None:
+        V.tensor("labels", labels, integer=True)
+    device = V.same_device(**{k: a[k] for k in ("student_hidden", "student_weight", "student_bias",
+                                                 "teacher_hidden", "teacher_weight", "teacher_bias",
+                                                 "labels")})
+    return device, _options_from(a)
+
+
+def check_sparse_args(a: dict) -> tuple[torch.device, KDOptions]:
+    """Argument checks of fused_linear_sparse_kd_loss (and its vocab-parallel form)."""
+    hs, ids, vals, labels = a["student_hidden"], a["teacher_ids"], a["teacher_values"], a["labels"]
+    _check_head("student", hs, a["student_weight"], a["student_bias"])
+    V.tensor("teacher_ids", ids, min_ndim=1, integer=True)
+    V.tensor("teacher_values", vals, min_ndim=1, floating=True)
+    if ids.shape != vals.shape:
+        raise ValueError(f"teacher_ids {tuple(ids.shape)} and teacher_values "
+                         f"{tuple(vals.shape)} must have the same shape")
+    if ids.shape[:-1] != hs.shape[:-1]:
+        raise ValueError(f"teacher_ids {tuple(ids.shape)} must be (*rows, k) with the rows of "
+                         f"student_hidden {tuple(hs.shape[:-1])}")
+    if labels is not None:
+        V.tensor("labels", labels, integer=True)
+    device = V.same_device(**{k: a[k] for k in ("student_hidden", "student_weight", "student_bias",
+                                                 "teacher_ids", "teacher_values", "labels")})
+    opts = _options_from(a)
+    opts.check_sparse()
+    return device, opts
+
+
 class _Rows:
     """Which rows count, the CE labels handed to backends (-1 = no CE term), the denominator."""
 
@@ -110,18 +166,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     """
     if process_group is not None:
         return _vocab_parallel("kd_loss", locals())
-    V.tensor("student_logits", student_logits, min_ndim=1, floating=True)
-    V.tensor("teacher_logits", teacher_logits, min_ndim=1, floating=True)
-    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
-        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
-                         f"{tuple(teacher_logits.shape)} must have the same leading (row) shape")
-    if labels is not None:
-        V.tensor("labels", labels, integer=True)
-    device = V.same_device(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)
-    opts = _options(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
-                    scale_by_temperature_squared=scale_by_temperature_squared,
-                    ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
-                    vocab_size=vocab_size, chunk_bytes=chunk_bytes)
+    device, opts = check_logits_args(locals())
     lead = student_logits.shape[:-1]
     zs, zt = _flatten_rows("student_logits", student_logits), _flatten_rows("teacher_logits", teacher_logits)
     full_v = zs.shape[1]
@@ -191,21 +236,7 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     With `process_group`, each rank holds a vocabulary shard of both heads (docs/scaling.md)."""
     if process_group is not None:
         return _vocab_parallel("fused_linear_kd_loss", locals())
-    _check_head("student", student_hidden, student_weight, student_bias)
-    _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
-    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-        raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
-                         f"{tuple(teacher_hidden.shape)} must have the same leading (row) shape")
-    if labels is not None:
-        V.tensor("labels", labels, integer=True)
-    device = V.same_device(student_hidden=student_hidden, student_weight=student_weight,
-                           student_bias=student_bias, teacher_hidden=teacher_hidden,
-                           teacher_weight=teacher_weight, teacher_bias=teacher_bias, labels=labels)
-    opts = _options(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
-                    scale_by_temperature_squared=scale_by_temperature_squared,
-                    ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
-                    vocab_size=vocab_size, student_softcap=student_softcap,
-                    teacher_softcap=teacher_softcap, chunk_bytes=chunk_bytes)
+    device, opts = check_linear_args(locals())
     lead = student_hidden.shape[:-1]
     hs = _flatten_rows("student_hidden", student_hidden)
     ht = _flatten_rows("teacher_hidden", teacher_hidden)
@@ -261,26 +292,7 @@ def fused_linear_sparse_kd_loss(student_hidden: torch.Tensor, student_weight: to
     With `process_group`, each rank holds a vocabulary shard of the head (docs/scaling.md)."""
     if process_group is not None:
         return _vocab_parallel("fused_linear_sparse_kd_loss", locals())
-    _check_head("student", student_hidden, student_weight, student_bias)
-    V.tensor("teacher_ids", teacher_ids, min_ndim=1, integer=True)
-    V.tensor("teacher_values", teacher_values, min_ndim=1, floating=True)
-    if teacher_ids.shape != teacher_values.shape:
-        raise ValueError(f"teacher_ids {tuple(teacher_ids.shape)} and teacher_values "
-                         f"{tuple(teacher_values.shape)} must have the same shape")
-    if teacher_ids.shape[:-1] != student_hidden.shape[:-1]:
-        raise ValueError(f"teacher_ids {tuple(teacher_ids.shape)} must be (*rows, k) with the rows of "
-                         f"student_hidden {tuple(student_hidden.shape[:-1])}")
-    if labels is not None:
-        V.tensor("labels", labels, integer=True)
-    device = V.same_device(student_hidden=student_hidden, student_weight=student_weight,
-                           student_bias=student_bias, teacher_ids=teacher_ids,
-                           teacher_values=teacher_values, labels=labels)
-    opts = _options(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
-                    scale_by_temperature_squared=scale_by_temperature_squared,
-                    ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
-                    vocab_size=vocab_size, values=values, tail=tail,
-                    student_softcap=student_softcap, chunk_bytes=chunk_bytes)
-    opts.check_sparse()
+    device, opts = check_sparse_args(locals())
     lead = student_hidden.shape[:-1]
     hs = _flatten_rows("student_hidden", student_hidden)
     ids = _flatten_rows("teacher_ids", teacher_ids).long()

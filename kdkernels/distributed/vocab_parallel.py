@@ -24,7 +24,7 @@ import torch
 from .. import validate as V
 from ..backends.torch.sparse import log1mexp, teacher_logprobs
 from ..backends.torch.terms import element_terms
-from ..losses import _check_head, _options, _Rows
+from ..losses import _Rows, check_linear_args, check_logits_args, check_sparse_args
 from ..options import LOG_TAIL_FLOOR, KDOptions
 from . import comm
 from .shard_dispatch import resolve_shard
@@ -114,23 +114,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, proce
             vocab_size: Optional[int] = None, backend: Optional[str] = None,
             chunk_bytes: Optional[int] = None) -> torch.Tensor:
     """kdkernels.kd_loss where each rank holds the columns of its vocabulary shard of both logits."""
-    group = process_group
-    state = {}
+    args, group, state = locals(), process_group, {}
 
     def check():
-        V.tensor("student_logits", student_logits, min_ndim=1, floating=True)
-        V.tensor("teacher_logits", teacher_logits, min_ndim=1, floating=True)
-        if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
-            raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
-                             f"{tuple(teacher_logits.shape)} must have the same leading (row) shape")
-        if labels is not None:
-            V.tensor("labels", labels, integer=True)
-        state["device"] = V.same_device(student_logits=student_logits,
-                                        teacher_logits=teacher_logits, labels=labels)
-        state["opts"] = _options(divergence=divergence, temperature=temperature, beta=beta,
-                                 alpha=alpha, scale_by_temperature_squared=scale_by_temperature_squared,
-                                 ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
-                                 vocab_size=vocab_size, chunk_bytes=chunk_bytes)
+        state["device"], state["opts"] = check_logits_args(args)
 
     table = _layout(group, student_logits.device, (student_logits.shape[-1], teacher_logits.shape[-1]),
                     check)
@@ -191,26 +178,10 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
                          chunk_bytes: Optional[int] = None) -> torch.Tensor:
     """kdkernels.fused_linear_kd_loss where each rank holds rows [v0, v1) of both LM heads (and biases);
     the hidden states are replicated and their gradient is summed over the group."""
-    group = process_group
-    state = {}
+    args, group, state = locals(), process_group, {}
 
     def check():
-        _check_head("student", student_hidden, student_weight, student_bias)
-        _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
-        if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-            raise ValueError(f"student_hidden {tuple(student_hidden.shape)} and teacher_hidden "
-                             f"{tuple(teacher_hidden.shape)} must have the same leading (row) shape")
-        if labels is not None:
-            V.tensor("labels", labels, integer=True)
-        state["device"] = V.same_device(student_hidden=student_hidden, student_weight=student_weight,
-                                        student_bias=student_bias, teacher_hidden=teacher_hidden,
-                                        teacher_weight=teacher_weight, teacher_bias=teacher_bias,
-                                        labels=labels)
-        state["opts"] = _options(divergence=divergence, temperature=temperature, beta=beta,
-                                 alpha=alpha, scale_by_temperature_squared=scale_by_temperature_squared,
-                                 ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
-                                 vocab_size=vocab_size, student_softcap=student_softcap,
-                                 teacher_softcap=teacher_softcap, chunk_bytes=chunk_bytes)
+        state["device"], state["opts"] = check_linear_args(args)
 
     table = _layout(group, student_hidden.device, (student_weight.shape[0], teacher_weight.shape[0]),
                     check)
@@ -310,31 +281,10 @@ def fused_linear_sparse_kd_loss(student_hidden: torch.Tensor, student_weight: to
                                 chunk_bytes: Optional[int] = None) -> torch.Tensor:
     """kdkernels.fused_linear_sparse_kd_loss where each rank holds rows [v0, v1) of the student head.
     Cached ids are global; each rank handles the ids that fall in its shard."""
-    group = process_group
-    state = {}
+    args, group, state = locals(), process_group, {}
 
     def check():
-        _check_head("student", student_hidden, student_weight, student_bias)
-        V.tensor("teacher_ids", teacher_ids, min_ndim=1, integer=True)
-        V.tensor("teacher_values", teacher_values, min_ndim=1, floating=True)
-        if teacher_ids.shape != teacher_values.shape:
-            raise ValueError(f"teacher_ids {tuple(teacher_ids.shape)} and teacher_values "
-                             f"{tuple(teacher_values.shape)} must have the same shape")
-        if teacher_ids.shape[:-1] != student_hidden.shape[:-1]:
-            raise ValueError(f"teacher_ids {tuple(teacher_ids.shape)} must be (*rows, k) with the rows "
-                             f"of student_hidden {tuple(student_hidden.shape[:-1])}")
-        if labels is not None:
-            V.tensor("labels", labels, integer=True)
-        state["device"] = V.same_device(student_hidden=student_hidden, student_weight=student_weight,
-                                        student_bias=student_bias, teacher_ids=teacher_ids,
-                                        teacher_values=teacher_values, labels=labels)
-        opts = _options(divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
-                        scale_by_temperature_squared=scale_by_temperature_squared,
-                        ignore_index=ignore_index, ce_weight=ce_weight, kd_weight=kd_weight,
-                        vocab_size=vocab_size, values=values, tail=tail,
-                        student_softcap=student_softcap, chunk_bytes=chunk_bytes)
-        opts.check_sparse()
-        state["opts"] = opts
+        state["device"], state["opts"] = check_sparse_args(args)
 
     table = _layout(group, student_hidden.device, (student_weight.shape[0],), check)
     device, opts = state["device"], state["opts"]
