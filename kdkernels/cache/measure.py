@@ -87,6 +87,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2,
                     help="interleaved repetitions; the fastest of each kind is reported")
     ap.add_argument("--out", type=Path, default=Path("cache_measure"))
+    ap.add_argument("--backend", default=None,
+                    help="backend of linear_topk / linear_sample (default: build's, torch on CPU)")
     ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                     help="cpu: process CPU time (robust on a shared machine; use with --threads 1), "
                          "wall: elapsed time")
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
             model(input_ids=x, attention_mask=mask, use_cache=False).logits
         return clock() - t
 
-    results = {"teacher": str(args.teacher), "tokens": ntok, "threads": torch.get_num_threads(),
+    results = {"teacher": str(args.teacher), "backend": args.backend or "default", "tokens": ntok, "threads": torch.get_num_threads(),
                "clock": args.clock, "load_s": load_s}
     import shutil
     fwd = []
@@ -136,7 +138,8 @@ def main(argv=None) -> int:
                 shutil.rmtree(out)
             t = clock()
             build((model, tok), ids, out, mode=mode, seq_len=args.seq_len,
-                  tokens_per_batch=args.tokens_per_batch, progress=False, **extra)
+                  tokens_per_batch=args.tokens_per_batch, progress=False, backend=args.backend,
+                  **extra)
             runs[mode].append(clock() - t)
     fwd.append(forward_s())
     for mode in ("topk", "sample"):
