@@ -7,7 +7,12 @@ One optimizer step of `grad_accum` micro-batches minimizes
     n = number of counted (label != ignore_index) tokens of all micro-batches of the step,
 
 so accumulating gives the same gradient as one big batch (each micro-batch's mean uses the same
-denominator n, passed as `normalizer=`; with data parallelism n would be all-reduced first).
+denominator n, passed as `normalizer=`).
+
+Under torch.distributed (a process group initialized by the caller, e.g. torchrun), each of the W
+ranks takes micro-batches m * W + rank of the step, n is all-reduced over the ranks, and the
+gradients are summed over the ranks after the step's backward passes: every rank then holds the
+gradient of the single-process step with grad_accum * W micro-batches (docs/scaling.md).
 """
 from __future__ import annotations
 
@@ -112,6 +117,28 @@ def _domains(data: Sequence[dict]) -> list[int]:
         raise ValueError("domain_reweight=True needs an int 'domain' in every example") from None
 
 
+def _world() -> tuple[int, int]:
+    """(world size, rank) of the default process group; (1, 0) without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _sync_start(model: torch.nn.Module) -> None:
+    """Every rank starts from rank 0's parameters and buffers."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        torch.distributed.broadcast(t.data, src=0)
+
+
+def _sum_grads(params) -> None:
+    """Sum the step's gradients over the ranks (a parameter unused on a rank contributes 0)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        torch.distributed.all_reduce(p.grad)
+
+
 def train(model: torch.nn.Module, data: Sequence[dict], cfg: TrainConfig, *,
           teacher: Optional[torch.nn.Module] = None,
           collate_fn: Optional[Callable] = None,
@@ -136,9 +163,13 @@ def train(model: torch.nn.Module, data: Sequence[dict], cfg: TrainConfig, *,
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    sampler = StepSampler(len(data), cfg.batch_size, cfg.grad_accum, cfg.seed)
+    world, rank = _world()
+    sampler = StepSampler(len(data), cfg.batch_size, cfg.grad_accum * world, cfg.seed)
 
     ddk_on = cfg.domain_reweight
+    if ddk_on and world > 1:
+        raise NotImplementedError("domain_reweight under torch.distributed is not supported yet "
+                                  "(the per-domain statistics are per rank)")
     domains = _domains(data) if ddk_on else None
     n_dom = max(domains) + 1 if ddk_on else 0
     dom_w = D.initial_weights(domains, n_dom) if ddk_on else None
@@ -156,21 +187,33 @@ def train(model: torch.nn.Module, data: Sequence[dict], cfg: TrainConfig, *,
                 dom_w = extra["domain_weights"].clone()
                 stats.load_state_dict(extra["domain_stats"])
 
+    if world > 1:
+        _sync_start(model)
+
     def save():
+        if rank != 0:
+            torch.distributed.barrier()
+            return
         extra = {"history": history, "config": asdict(cfg)}
         if ddk_on:
             extra.update(domain_weights=dom_w, domain_stats=stats.state_dict())
         ckpt.save(cfg.out_dir, model=model, optimizer=opt, scheduler=sched, step=step, extra=extra)
+        if world > 1:
+            torch.distributed.barrier()
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t_last, tok_since = time.perf_counter(), 0
     while step < cfg.steps:
         ex_w = D.example_weights(dom_w, domains) if ddk_on else None
-        micro = [collate_fn([data[i] for i in sampler.indices(step, m, ex_w)])
+        micro = [collate_fn([data[i] for i in sampler.indices(step, m * world + rank, ex_w)])
                  for m in range(cfg.grad_accum)]
         counts = [int((b["labels"] != cfg.ignore_index).sum()) for b in micro]  # CPU tensors: no sync
         n_tokens = sum(counts)
+        if world > 1:   # the global count: every rank's mean uses the same denominator
+            n_all = torch.tensor([n_tokens], dtype=torch.int64, device=device)
+            torch.distributed.all_reduce(n_all)
+            n_tokens = int(n_all)
         normalizer = torch.tensor(float(max(n_tokens, 1)), device=device)
         opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -187,6 +230,9 @@ def train(model: torch.nn.Module, data: Sequence[dict], cfg: TrainConfig, *,
                 labels = b["labels"].reshape(-1)
                 row_dom = b["domain"][:, None].expand_as(b["labels"]).reshape(-1)
                 stats.add(rows, tce, labels != cfg.ignore_index, row_dom)
+        if world > 1:
+            _sum_grads(params)
+            torch.distributed.all_reduce(loss_sum)
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                      if cfg.max_grad_norm else None)
         opt.step()
@@ -210,7 +256,7 @@ def train(model: torch.nn.Module, data: Sequence[dict], cfg: TrainConfig, *,
                 rec.update(domain_weights=dom_w.tolist(), domain_kd=kd.tolist(),
                            domain_teacher_ce=tce.tolist())
             history.append(rec)
-            if log is not None:
+            if log is not None and rank == 0:
                 log(rec)
             t_last, tok_since = now, 0
         if cfg.out_dir and cfg.save_every and step % cfg.save_every == 0:
