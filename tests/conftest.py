@@ -230,3 +230,23 @@ def clean_env(monkeypatch):
     says (for tests of those defaults; use with pytest.mark.usefixtures("clean_env"))."""
     for var in ("KDKERNELS_BACKEND", "KDKERNELS_CHECK_VALUES", "KDKERNELS_CHUNK_MB"):
         monkeypatch.delenv(var, raising=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache tests (tests/test_cache_build.py, test_cache_resume.py)
+
+
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """One intra-op thread for a module: the test machine is shared and oversubscription stalls."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache_teacher():
+    """A tiny randomly initialized Llama teacher (V = 1031) with its offline tokenizer."""
+    from kdkernels.cache.testing import tiny_teacher
+    return tiny_teacher(vocab_size=1031)

@@ -20,19 +20,7 @@ pytest.importorskip("transformers")
 STEP = DEFAULT_VALUE_STEP
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The test machine is shared; one intra-op thread avoids oversubscription stalls.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from kdkernels.cache.testing import tiny_teacher
-    return tiny_teacher(vocab_size=1031)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")   # tests/conftest.py
 
 
 def _texts(n=6):
@@ -41,22 +29,22 @@ def _texts(n=6):
 
 
 @pytest.fixture(scope="module")
-def caches(tiny, tmp_path_factory):
+def caches(tiny_cache_teacher, tmp_path_factory):
     root = tmp_path_factory.mktemp("caches")
     kw = dict(seq_len=96, shard_tokens=300, progress=False)
     # tokens_per_batch = seq_len: one sequence per batch, so hidden states can be recomputed exactly
-    out = {"topk": C.build(tiny, _texts(), root / "topk", k=8, tokens_per_batch=96, **kw),
-           "lossless": C.build(tiny, _texts(), root / "lossless", k=8, lossless=True,
+    out = {"topk": C.build(tiny_cache_teacher, _texts(), root / "topk", k=8, tokens_per_batch=96, **kw),
+           "lossless": C.build(tiny_cache_teacher, _texts(), root / "lossless", k=8, lossless=True,
                                tokens_per_batch=96, **kw),
-           "t2": C.build(tiny, _texts(3), root / "t2", k=8, temperature=2.0, **kw),
-           "sample": C.build(tiny, _texts(4), root / "sample", mode="sample", draws=64, **kw)}
+           "t2": C.build(tiny_cache_teacher, _texts(3), root / "t2", k=8, temperature=2.0, **kw),
+           "sample": C.build(tiny_cache_teacher, _texts(4), root / "sample", mode="sample", draws=64, **kw)}
     return out
 
 
-def _teacher_lp(tiny, ids, temperature=1.0):
+def _teacher_lp(tiny_cache_teacher, ids, temperature=1.0):
     """float64 log-softmax of the model's own full logits (its forward pass, not our head), and the
     error plain fp32 PyTorch makes on the same logits (the oracle's yardstick)."""
-    model, _ = tiny
+    model, _ = tiny_cache_teacher
     logits = model(ids[None]).logits[0]
     lp64 = torch.log_softmax(logits.double() / temperature, -1)
     lp32 = torch.log_softmax(logits.float() / temperature, -1)
@@ -64,14 +52,14 @@ def _teacher_lp(tiny, ids, temperature=1.0):
 
 
 @pytest.mark.parametrize("name", ["topk", "lossless", "t2"])
-def test_topk_matches_full_teacher_logits(tiny, caches, name):
+def test_topk_matches_full_teacher_logits(tiny_cache_teacher, caches, name):
     reader = C.open(caches[name])
     T_ = reader.temperature
     bound = (STEP / 2 if name != "lossless" else 0.0)
     assert len(reader) > 3
     for i in (0, 1, len(reader) - 1):
         item = reader[i]
-        lp64, fp32_err = _teacher_lp(tiny, item["input_ids"], T_)
+        lp64, fp32_err = _teacher_lp(tiny_cache_teacher, item["input_ids"], T_)
         tol = bound + 4 * fp32_err + 1e-6
         ids, vals = item["teacher_ids"], item["teacher_values"].double()
         assert ids.shape == (item["input_ids"].shape[0], 8)
@@ -95,8 +83,8 @@ def test_topk_matches_full_teacher_logits(tiny, caches, name):
         assert ((got - mass).abs() <= 2 ** -11 * mass + 2 * 8 * fp32_err + 1e-7).all()
 
 
-def test_lossless_is_bit_exact_linear_topk(tiny, caches):
-    model, _ = tiny
+def test_lossless_is_bit_exact_linear_topk(tiny_cache_teacher, caches):
+    model, _ = tiny_cache_teacher
     reader = C.open(caches["lossless"])
     head = T.teacher_head(model)
     for i in (0, 2):
@@ -107,10 +95,10 @@ def test_lossless_is_bit_exact_linear_topk(tiny, caches):
         assert torch.equal(item["teacher_values"], ref.logprobs)
 
 
-def test_collate_alignment_through_sparse_kd_loss(tiny, caches):
+def test_collate_alignment_through_sparse_kd_loss(tiny_cache_teacher, caches):
     """A student identical to the teacher has ~0 forward KL against the lossless cache, and only if
     teacher rows, student rows and labels are aligned; a shift by one position is far from 0."""
-    model, _ = tiny
+    model, _ = tiny_cache_teacher
     reader = C.open(caches["lossless"])
     batch = C.collate([reader[0], reader[len(reader) - 1]], pad_id=0)
     L = batch["input_ids"].shape[1]
@@ -151,7 +139,7 @@ def _pit_pvalue(lp64, ids, weights, draws, rng):
     return chi2.sf(((counts - exp) ** 2 / exp).sum(), 19)
 
 
-def test_sampled_cache_matches_teacher_probabilities_chi_square(tiny, caches):
+def test_sampled_cache_matches_teacher_probabilities_chi_square(tiny_cache_teacher, caches):
     pytest.importorskip("scipy")
     reader = C.open(caches["sample"])
     assert reader.values == "weights" and reader.k == 64
@@ -159,7 +147,7 @@ def test_sampled_cache_matches_teacher_probabilities_chi_square(tiny, caches):
     lps, ids, ws = [], [], []
     for i in range(min(len(reader), 6)):
         item = reader[i]
-        lp64, _ = _teacher_lp(tiny, item["input_ids"])
+        lp64, _ = _teacher_lp(tiny_cache_teacher, item["input_ids"])
         m = item["teacher_ids"].shape[1]
         assert m <= 64 and torch.allclose(item["teacher_values"].sum(1), torch.ones(1))
         lps.append(lp64)
@@ -171,22 +159,22 @@ def test_sampled_cache_matches_teacher_probabilities_chi_square(tiny, caches):
     assert _pit_pvalue(torch.log_softmax(lp64 / 1.3, -1), ids, ws, 64, rng) < 1e-6
 
 
-def test_rerun_same_settings_is_noop_and_different_settings_refused(tiny, caches, tmp_path):
+def test_rerun_same_settings_is_noop_and_different_settings_refused(tiny_cache_teacher, caches, tmp_path):
     d = tmp_path / "c"
     shutil.copytree(caches["t2"], d)
     before = {p.name: p.read_bytes() for p in d.iterdir()}
-    C.build(tiny, _texts(3), d, k=8, temperature=2.0, seq_len=96, shard_tokens=300, progress=False)
+    C.build(tiny_cache_teacher, _texts(3), d, k=8, temperature=2.0, seq_len=96, shard_tokens=300, progress=False)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
     with pytest.raises(C.SettingsMismatch, match=r"k: cache has 8, this build asks for 9"):
-        C.build(tiny, _texts(3), d, k=9, temperature=2.0, seq_len=96, shard_tokens=300,
+        C.build(tiny_cache_teacher, _texts(3), d, k=9, temperature=2.0, seq_len=96, shard_tokens=300,
                 progress=False)
     with pytest.raises(C.SettingsMismatch, match=r"data\.sha256"):
-        C.build(tiny, _texts(2), d, k=8, temperature=2.0, seq_len=96, shard_tokens=300,
+        C.build(tiny_cache_teacher, _texts(2), d, k=8, temperature=2.0, seq_len=96, shard_tokens=300,
                 progress=False)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
 
 
-def test_vocabulary_and_tokenizer_mismatch_errors(tiny, caches):
+def test_vocabulary_and_tokenizer_mismatch_errors(tiny_cache_teacher, caches):
     from kdkernels.cache.testing import tiny_tokenizer
     reader = C.open(caches["topk"])
     assert reader.check_compatible(1031) == 1031
@@ -195,7 +183,7 @@ def test_vocabulary_and_tokenizer_mismatch_errors(tiny, caches):
     assert reader.check_compatible(1040, vocab_size=1031) == 1031
     with pytest.raises(ValueError, match="too small"):
         reader.check_compatible(1040, vocab_size=50)
-    assert reader.check_compatible(tiny[1]) == 1031
+    assert reader.check_compatible(tiny_cache_teacher[1]) == 1031
     other = tiny_tokenizer()
     other.add_tokens(["<extra>"])
     with pytest.raises(ValueError, match=r"tokenizer mismatch.*103 tokens.*vocab 1031"):
@@ -283,10 +271,10 @@ def test_data_sources_jsonl_text_dataset_and_unpacked(tmp_path):
     assert ids_only[0].tolist() == [5, 6, 7, 8]
 
 
-def test_cli_build_inspect_and_refusal(tiny, tmp_path, capsys):
+def test_cli_build_inspect_and_refusal(tiny_cache_teacher, tmp_path, capsys):
     from pathlib import Path
     from kdkernels.cli import main
-    model, tok = tiny
+    model, tok = tiny_cache_teacher
     model.save_pretrained(tmp_path / "teacher")
     tok.save_pretrained(tmp_path / "teacher")
     data = tmp_path / "d.txt"

@@ -21,18 +21,7 @@ KW = dict(k=8, seq_len=64, shard_tokens=128, tokens_per_batch=128, progress=Fals
 REPO = Path(kdkernels.__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from kdkernels.cache.testing import tiny_teacher
-    return tiny_teacher(vocab_size=1031)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")   # tests/conftest.py
 
 
 def _texts():
@@ -46,8 +35,8 @@ def _files(d: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny, tmp_path_factory):
-    return C.build(tiny, _texts(), tmp_path_factory.mktemp("ref") / "c", **KW)
+def reference(tiny_cache_teacher, tmp_path_factory):
+    return C.build(tiny_cache_teacher, _texts(), tmp_path_factory.mktemp("ref") / "c", **KW)
 
 
 def _crash_build(model_tok, texts, out, spec):
@@ -67,10 +56,10 @@ def _assert_manifest_lists_only_complete_shards(d: Path):
 
 @pytest.mark.parametrize("spec", ["shard_partial:2", "shard_before_rename:1", "shard_after_rename:3",
                                   "manifest_before_rename:1", "manifest_before_rename:4"])
-def test_sigkill_at_crash_points_then_rerun_gives_identical_bytes(tiny, reference, tmp_path, spec):
+def test_sigkill_at_crash_points_then_rerun_gives_identical_bytes(tiny_cache_teacher, reference, tmp_path, spec):
     out = tmp_path / "c"
     ctx = multiprocessing.get_context("fork")
-    p = ctx.Process(target=_crash_build, args=(tiny, _texts(), out, spec))
+    p = ctx.Process(target=_crash_build, args=(tiny_cache_teacher, _texts(), out, spec))
     p.start()
     p.join(120)
     assert p.exitcode == -signal.SIGKILL, f"the child was not killed at {spec}: exit {p.exitcode}"
@@ -79,15 +68,15 @@ def test_sigkill_at_crash_points_then_rerun_gives_identical_bytes(tiny, referenc
     with pytest.raises((ValueError, FileNotFoundError), match="incomplete|manifest.json missing"):
         C.open(out)
     assert C.verify(out)                     # verify reports the incomplete build
-    C.build(tiny, _texts(), out, **KW)
+    C.build(tiny_cache_teacher, _texts(), out, **KW)
     assert _files(out) == _files(reference)
     assert C.verify(out) == []
 
 
 @pytest.mark.slow   # ~25 s: a fresh interpreter; the fork-based crash tests above cover the same path
-def test_subprocess_killed_mid_build_resumes_identically(tiny, tmp_path):
+def test_subprocess_killed_mid_build_resumes_identically(tiny_cache_teacher, tmp_path):
     """A real `kdkernels cache build` process, SIGKILLed from outside while it writes shards."""
-    model, tok = tiny
+    model, tok = tiny_cache_teacher
     model_dir = tmp_path / "teacher"
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
