@@ -46,13 +46,12 @@ def teacher_logprobs(vals: torch.Tensor, valid: torch.Tensor, opts: KDOptions):
     return lp, log_p_tail
 
 
-def _k_terms(b, ids, vals, lse, opts: KDOptions):
-    """Per-row pieces at the k ids: (valid, lqK, qhK, D_K, S_K, lP); cheap, O(rows * k)."""
-    valid = ids >= 0
+def _k_terms(b, ids, valid, vals, lse, opts: KDOptions):
+    """Per-row pieces at the k ids: (lqK, qhK, D_K, S_K, lP); cheap, O(rows * k)."""
     lpK, lP = teacher_logprobs(vals, valid, opts)
     lqK = (b.gather(1, ids.clamp_min(0)) - lse.unsqueeze(1)).masked_fill(~valid, _NEG_INF)
     fK, qhK = element_terms(lpK, lqK, opts)
-    return valid, lqK, qhK, fK.sum(1), qhK.sum(1), lP
+    return lqK, qhK, fK.sum(1), qhK.sum(1), lP
 
 
 def _student_lse(b, ids, valid, opts: KDOptions):
@@ -80,7 +79,7 @@ def _sparse_forward_rows(b, ids, vals, opts: KDOptions):
     """(D, lse, h_Q, S) per row of the block's scaled logits b."""
     valid = ids >= 0
     lse = _student_lse(b, ids, valid, opts)
-    valid, lqK, qhK, D, S, lP = _k_terms(b, ids, vals, lse, opts)
+    lqK, qhK, D, S, lP = _k_terms(b, ids, valid, vals, lse, opts)
     hQ = torch.zeros_like(D)
     if opts.tail != "renorm_both":
         full = valid.sum(1) == b.shape[1]          # K covers the vocabulary: no tail outcome
@@ -147,7 +146,8 @@ def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, o
         if opts.kd_weight:
             b = _scaled(z, T)
             lse, hQ, S = stats[s, 0], stats[s, 2:3], stats[s, 3:4]
-            valid, lqK, qhK, _, _, _ = _k_terms(b, ids[s], vals[s], lse, opts)
+            valid = ids[s] >= 0
+            lqK, qhK, _, _, _ = _k_terms(b, ids[s], valid, vals[s], lse, opts)
             idx = ids[s].clamp_min(0)
             direct = (qhK - lqK.exp() * S).masked_fill(~valid, 0.0)
             if opts.tail == "renorm_both":
