@@ -7,9 +7,10 @@ with the LM head's weight. See docs/training.md.
 from .data import StepSampler, collate
 from .evaluate import evaluate
 from .loop import TrainConfig, TrainResult, lr_factor, peak_memory_bytes, train
+from .lora import save_adapter, wrap_lora
 from .model_parts import LMParts, final_hidden, lm_parts
 from .objective import Objective, micro_batch_loss, teacher_ce_rows
 
 __all__ = ["train", "TrainConfig", "TrainResult", "evaluate", "collate", "StepSampler", "Objective",
            "micro_batch_loss", "teacher_ce_rows", "lm_parts", "final_hidden", "LMParts", "lr_factor",
-           "peak_memory_bytes"]
+           "peak_memory_bytes", "wrap_lora", "save_adapter"]

@@ -28,6 +28,7 @@ import torch
 from . import checkpoint as ckpt
 from . import ddk as D
 from .data import StepSampler, collate
+from .lora import save_adapter
 from .model_parts import LMParts, lm_parts
 from .objective import Objective, micro_batch_loss, teacher_ce_rows
 
@@ -198,6 +199,7 @@ def train(model: torch.nn.Module, data: Sequence[dict], cfg: TrainConfig, *,
         if ddk_on:
             extra.update(domain_weights=dom_w, domain_stats=stats.state_dict())
         ckpt.save(cfg.out_dir, model=model, optimizer=opt, scheduler=sched, step=step, extra=extra)
+        save_adapter(model, cfg.out_dir)      # PEFT students: out_dir/adapter (docs/lora.md)
         if world > 1:
             torch.distributed.barrier()
 

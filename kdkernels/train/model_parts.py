@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from .lora import check_student
+
 
 @dataclass
 class LMParts:
@@ -26,6 +28,7 @@ def lm_parts(model: torch.nn.Module) -> LMParts:
     if head is None or not hasattr(head, "weight"):
         raise TypeError(f"{type(model).__name__} has no output embeddings (get_output_embeddings()): "
                         "kdkernels.train needs a causal LM with a linear LM head")
+    check_student(model, head)        # PEFT students: adapter methods only, never on the head
     body = None
     if hasattr(model, "get_decoder"):
         try:
