@@ -230,3 +230,37 @@ def test_lora_resume_reproduces_an_uninterrupted_run(tmp_path):
     a = peft.load_peft_weights(str(tmp_path / "a" / "adapter"))
     b = peft.load_peft_weights(str(tmp_path / "b" / "adapter"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow     # two subprocesses that import transformers and peft: ~20 s
+def test_train_minimal_lora_flags(tmp_path):
+    """python/train_minimal.py --lora-rank: only the adapters train, the adapter is saved next to
+    the checkpoint, and a second run resumes from it."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from kdkernels import cache
+    root = Path(__file__).resolve().parents[1]
+    teacher = tiny_llama(seed=1).eval()
+    g = torch.Generator().manual_seed(0)
+    docs = [torch.randint(3, V, (30,), generator=g).tolist() for _ in range(4)]
+    path = cache.build(teacher, docs, tmp_path / "cache", k=8, seq_len=12, progress=False)
+    student_cfg = tmp_path / "student.json"
+    teacher.config.to_json_file(str(student_cfg))
+    cmd = [sys.executable, str(root / "python" / "train_minimal.py"), "--cache", str(path),
+           "--student", str(student_cfg), "--batch-size", "2", "--out", str(tmp_path / "out"),
+           "--save-every", "2", "--lora-rank", "4", "--lora-alpha", "8", "--lora-targets", "q_proj",
+           "v_proj"]
+    env = {"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd + ["--steps", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    config = (tmp_path / "out" / "adapter" / "adapter_config.json").read_text()
+    assert '"r": 4' in config and "q_proj" in config and "lm_head" not in config
+    state = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=False)
+    n_opt = len(state["optimizer"]["state"])                    # AdamW state for the adapters only
+    assert n_opt == 2 * 2 * 2                                   # 2 layers x (q, v) x (A, B)
+    second = subprocess.run(cmd + ["--steps", "3"], capture_output=True, text=True, env=env, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed at step 2" in second.stdout and re.search(r"step 3\s+loss", second.stdout)
