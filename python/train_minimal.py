@@ -5,6 +5,7 @@
     python python/train_minimal.py --cache my-cache --student path/or/config.json --steps 1000
     # or with a live teacher instead of a cache:
     python python/train_minimal.py --teacher path/to/teacher --data docs.txt --student ...
+    # a LoRA student (docs/lora.md): add --lora-rank 8 [--lora-alpha 16 --lora-targets q_proj v_proj]
 
 The student's full logits are never computed: the body gives the final hidden states and the fused
 loss multiplies them by the LM head's weight block by block. `kdkernels.train.train` is the same
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 import kdkernels
-from kdkernels.train import collate, lm_parts, final_hidden
+from kdkernels.train import collate, lm_parts, final_hidden, save_adapter
 
 
 def load_student(spec: str):
@@ -65,6 +66,9 @@ def main() -> None:
     ap.add_argument("--ce-weight", type=float, default=0.0)
     ap.add_argument("--out", default="student-ckpt")
     ap.add_argument("--save-every", type=int, default=200)
+    ap.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: train every weight)")
+    ap.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale is alpha / rank")
+    ap.add_argument("--lora-targets", nargs="*", help="module names (default: Llama projections)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -86,7 +90,12 @@ def main() -> None:
 
     # ---- model, optimizer, resume ----------------------------------------------------------------
     student = load_student(args.student).to(device).train()
-    opt = torch.optim.AdamW(student.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    if args.lora_rank:   # only the adapters train; the base and the LM head stay frozen (no head dW)
+        from kdkernels.train.lora import wrap_lora
+        student = wrap_lora(student, rank=args.lora_rank, alpha=args.lora_alpha,
+                            target_modules=args.lora_targets or None)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     step, ckpt = 0, Path(args.out) / "checkpoint.pt"
     if ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
@@ -113,7 +122,7 @@ def main() -> None:
                 loss = kd_loss(student, b, teacher, args, normalizer)
             loss.backward()
             total += loss.detach()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         for group in opt.param_groups:   # cosine decay to 10%
             group["lr"] = args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / args.steps)))
         opt.step()
@@ -127,6 +136,7 @@ def main() -> None:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step},
                        ckpt)
+            save_adapter(student, args.out)      # LoRA student: --out/adapter (PeftModel.from_pretrained)
 
 
 if __name__ == "__main__":
