@@ -27,6 +27,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import ddk as D
+from . import onpolicy as OP
 from .data import StepSampler, collate
 from .lora import save_adapter
 from .model_parts import LMParts, lm_parts
@@ -68,6 +69,14 @@ class TrainConfig:
     reweight_tau: float = 1.0
     reweight_mix: float = 0.2
     reweight_momentum: float = 0.5
+    # on-policy distillation (kdkernels/train/onpolicy.py, docs/onpolicy.md): this fraction of the
+    # micro-batches are student rollouts scored by the live teacher (train(..., teacher=))
+    on_policy_fraction: float = 0.0
+    on_policy_max_new_tokens: int = 32
+    on_policy_prompt_len: int = 32    # prompt = first min(this, shortest example) tokens
+    on_policy_temperature: float = 1.0   # sampling temperature (the loss uses `temperature`)
+    on_policy_divergence: str = "reverse_kl"
+    on_policy_beta: float = 0.5       # jsd's beta
 
     def objective(self) -> Objective:
         return Objective(kd_weight=self.kd_weight, ce_weight=self.ce_weight,
@@ -161,6 +170,7 @@ def train(model: torch.nn.Module, data: Sequence[dict], cfg: TrainConfig, *,
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
         t_parts = lm_parts(teacher)
+    onp = OP.OnPolicy(cfg, model, student, t_parts) if cfg.on_policy_fraction != 0 else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
@@ -210,6 +220,9 @@ def train(model: torch.nn.Module, data: Sequence[dict], cfg: TrainConfig, *,
         ex_w = D.example_weights(dom_w, domains) if ddk_on else None
         micro = [collate_fn([data[i] for i in sampler.indices(step, m * world + rank, ex_w)])
                  for m in range(cfg.grad_accum)]
+        if onp is not None:   # the chosen micro-batches become rollouts of the current student
+            micro = onp.prepare(micro, step, [m * world + rank for m in range(cfg.grad_accum)],
+                                device, use_bf16)
         counts = [int((b["labels"] != cfg.ignore_index).sum()) for b in micro]  # CPU tensors: no sync
         n_tokens = sum(counts)
         if world > 1:   # the global count: every rank's mean uses the same denominator
@@ -222,8 +235,12 @@ def train(model: torch.nn.Module, data: Sequence[dict], cfg: TrainConfig, *,
         for b in micro:
             b = _to(b, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss, rows = micro_batch_loss(student, b, obj, teacher=t_parts,
-                                              normalizer=normalizer, per_row=ddk_on)
+                if onp is not None and b.get("on_policy", False):
+                    loss, rows = onp.loss(b, normalizer), None
+                else:
+                    loss, rows = micro_batch_loss(
+                        student, b, obj, teacher=t_parts if onp is None else onp.offline_teacher(b),
+                        normalizer=normalizer, per_row=ddk_on)
             loss.backward()
             loss_sum += loss.detach()
             if ddk_on:
@@ -253,6 +270,8 @@ def train(model: torch.nn.Module, data: Sequence[dict], cfg: TrainConfig, *,
                    "peak_mem_bytes": peak_memory_bytes(device)}
             if grad_norm is not None:
                 rec["grad_norm"] = float(grad_norm)
+            if onp is not None:
+                rec["on_policy_micro_batches"] = sum(bool(b.get("on_policy", False)) for b in micro)
             if ddk_on:
                 kd, tce = stats.means() if stats.tokens.sum() > 0 else last_means
                 rec.update(domain_weights=dom_w.tolist(), domain_kd=kd.tolist(),
