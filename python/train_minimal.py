@@ -6,6 +6,7 @@
     # or with a live teacher instead of a cache:
     python python/train_minimal.py --teacher path/to/teacher --data docs.txt --student ...
     # a LoRA student (docs/lora.md): add --lora-rank 8 [--lora-alpha 16 --lora-targets q_proj v_proj]
+    # on-policy batches (docs/onpolicy.md): add --teacher t --on-policy-fraction 0.5 [--divergence jsd]
 
 The student's full logits are never computed: the body gives the final hidden states and the fused
 loss multiplies them by the LM head's weight block by block. `kdkernels.train.train` is the same
@@ -22,6 +23,7 @@ import torch
 
 import kdkernels
 from kdkernels.train import collate, lm_parts, final_hidden, save_adapter
+from kdkernels.train import onpolicy
 
 
 def load_student(spec: str):
@@ -40,7 +42,7 @@ def kd_loss(student, batch, teacher, args, normalizer):
     w = s.weight if s.weight.dtype == h.dtype else s.weight.to(h.dtype)     # bf16 under autocast
     common = dict(labels=batch["labels"], temperature=args.temperature, ce_weight=args.ce_weight,
                   kd_weight=args.kd_weight, normalizer=normalizer)
-    if teacher is None:                      # cached teacher: k (id, log-prob) slots per token
+    if "teacher_ids" in batch:               # cached teacher: k (id, log-prob) slots per token
         return kdkernels.fused_linear_sparse_kd_loss(h, w, batch["teacher_ids"], batch["teacher_values"],
                                                      values=args.values, **common)
     t = lm_parts(teacher)                    # live teacher: its hidden states, no grad
@@ -53,7 +55,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--student", required=True, help="model directory or config.json")
     ap.add_argument("--cache", help="a kdkernels teacher cache directory")
-    ap.add_argument("--teacher", help="a teacher model directory (live teacher, instead of --cache)")
+    ap.add_argument("--teacher", help="a teacher model directory: the live teacher (of every batch "
+                    "without --cache, of the on-policy batches with it)")
     ap.add_argument("--data", nargs="*", help="text files (with --teacher)")
     ap.add_argument("--tokenizer", help="tokenizer directory (default: --teacher)")
     ap.add_argument("--seq-len", type=int, default=512)
@@ -66,6 +69,11 @@ def main() -> None:
     ap.add_argument("--ce-weight", type=float, default=0.0)
     ap.add_argument("--out", default="student-ckpt")
     ap.add_argument("--save-every", type=int, default=200)
+    ap.add_argument("--on-policy-fraction", type=float, default=0.0,
+                    help="share of micro-batches that are student continuations scored by --teacher")
+    ap.add_argument("--on-policy-max-new-tokens", type=int, default=32)
+    ap.add_argument("--divergence", default="reverse_kl", help="of the on-policy batches: reverse_kl, "
+                    "jsd (beta 0.5), forward_kl, ...; the offline batches use forward KL")
     ap.add_argument("--lora-rank", type=int, default=0, help="LoRA rank (0: train every weight)")
     ap.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale is alpha / rank")
     ap.add_argument("--lora-targets", nargs="*", help="module names (default: Llama projections)")
@@ -75,14 +83,18 @@ def main() -> None:
 
     # ---- data: cache reader items, or tokenized text with a live teacher -------------------------
     teacher, args.values = None, "logprobs"
+    if args.on_policy_fraction > 0 and not args.teacher:
+        ap.error("--on-policy-fraction needs --teacher (it scores the student's samples)")
+    if args.teacher:
+        from transformers import AutoModelForCausalLM
+        teacher = AutoModelForCausalLM.from_pretrained(args.teacher).to(device).eval().requires_grad_(False)
     if args.cache:
         from kdkernels import cache
         reader = cache.open(args.cache)
         data = [reader[i] for i in range(len(reader))]
         args.values, args.temperature = reader.values, reader.temperature   # must match the cache
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        teacher = AutoModelForCausalLM.from_pretrained(args.teacher).to(device).eval().requires_grad_(False)
+        from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(args.tokenizer or args.teacher)
         ids = [t for f in args.data for t in tok(Path(f).read_text())["input_ids"] + [tok.eos_token_id]]
         data = [{"input_ids": torch.tensor(ids[i:i + args.seq_len])}
@@ -104,22 +116,41 @@ def main() -> None:
         step = state["step"]
         print(f"resumed at step {step}")
 
+    if args.on_policy_fraction > 0:   # the teacher must score the ids the student samples
+        onpolicy.check_teacher(lm_parts(student), lm_parts(teacher))
+
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    t0, tokens = time.perf_counter(), 0
+    t0, tokens, on_micro, all_micro = time.perf_counter(), 0, 0, 0
     while step < args.steps:
         # the examples of this step are a function of the step number: resuming needs no sampler state
         g = torch.Generator().manual_seed(step)
         micro = [collate([data[int(i)] for i in torch.randint(len(data), (args.batch_size,), generator=g)])
                  for _ in range(args.grad_accum)]
+        # on-policy: a micro-batch chosen by a seeded coin becomes the student's own continuation of
+        # its first 32 tokens, scored by the live teacher on the generated positions only
+        for m in range(len(micro)):
+            if onpolicy.is_on_policy(args.on_policy_fraction, 0, step, m):
+                prompts = onpolicy.prompts_from(micro[m], 32).to(device)
+                with torch.autocast(**autocast):
+                    micro[m] = onpolicy.rollout(lm_parts(student), prompts, args.on_policy_max_new_tokens,
+                                                generator=onpolicy.rollout_generator(0, step, m, device),
+                                                eos_token_id=onpolicy.eos_ids(student))
+                on_micro += 1
+        all_micro += len(micro)
         # global normalizer: counted tokens of ALL micro-batches, so accumulation = one big batch
         n = sum(int((b["labels"] != -100).sum()) for b in micro)
         normalizer = torch.tensor(float(max(n, 1)), device=device)
         opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=device)
         for b in micro:
-            b = {k: v.to(device) for k, v in b.items() if torch.is_tensor(v)}
+            b = {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
             with torch.autocast(**autocast):
-                loss = kd_loss(student, b, teacher, args, normalizer)
+                if b.get("on_policy", False):
+                    loss = onpolicy.on_policy_loss(lm_parts(student), lm_parts(teacher), b,
+                                                   divergence=args.divergence, temperature=args.temperature,
+                                                   kd_weight=args.kd_weight, normalizer=normalizer)
+                else:
+                    loss = kd_loss(student, b, teacher, args, normalizer)
             loss.backward()
             total += loss.detach()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -130,8 +161,9 @@ def main() -> None:
         if step % 10 == 0 or step == args.steps:
             dt = time.perf_counter() - t0
             mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-            print(f"step {step}  loss {float(total):.4f}  {tokens / dt:.0f} tok/s  peak {mem:.2f} GiB")
-            t0, tokens = time.perf_counter(), 0
+            on = f"  on-policy {on_micro}/{all_micro}" if args.on_policy_fraction > 0 else ""
+            print(f"step {step}  loss {float(total):.4f}  {tokens / dt:.0f} tok/s  peak {mem:.2f} GiB{on}")
+            t0, tokens, on_micro, all_micro = time.perf_counter(), 0, 0, 0
         if step % args.save_every == 0 or step == args.steps:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             torch.save({"model": student.state_dict(), "optimizer": opt.state_dict(), "step": step},
