@@ -133,7 +133,7 @@ def sparse_rows(zs, ids, vals, *, values="logprobs", tail="bucket", divergence_n
     lqK = torch.where(valid, lq.gather(1, idx), neg)
     tv = vals.to(lq.dtype)
     lpK = torch.where(valid, tv if values == "logprobs" else torch.log(tv.clamp_min(0)), neg)
-    in_k = torch.zeros(n, v, dtype=lq.dtype).scatter_add(1, idx, valid.to(lq.dtype)) > 0
+    in_k = torch.zeros(n, v, dtype=lq.dtype, device=lq.device).scatter_add(1, idx, valid.to(lq.dtype)) > 0
     covers_all = in_k.all(1)
 
     def renorm(lx):
@@ -177,12 +177,13 @@ def counted(labels: Optional[torch.Tensor], n: int, ignore_index: int = -100) ->
 def blank_ignored(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Ignored rows replaced by zeros, so whatever they hold (NaN) neither reaches the loss nor
     the gradient (autograd sends 0 to the discarded branch)."""
-    return torch.where(mask.unsqueeze(1), x, torch.zeros((), dtype=x.dtype))
+    return torch.where(mask.to(x.device).unsqueeze(1), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def reduce_rows(rows: torch.Tensor, mask: torch.Tensor, reduction: str, normalizer=None,
                 lead_shape=None):
-    rows = torch.where(mask, rows, torch.zeros((), dtype=rows.dtype))
+    mask = mask.to(rows.device)
+    rows = torch.where(mask, rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
     if reduction == "none":
         return rows if lead_shape is None else rows.reshape(lead_shape)
     total = rows.sum()
