@@ -268,6 +268,35 @@ def test_fraction_one_is_deterministic_and_never_forms_logits(monkeypatch):
     assert lc != la                                   # the seed does choose the samples
 
 
+def test_resume_reproduces_an_uninterrupted_on_policy_run(tmp_path):
+    """The rollouts are seeded by (seed, step, micro-batch): a resumed run samples what the
+    uninterrupted run sampled."""
+    teacher = tiny_llama(h=48, seed=1, dtype=torch.float32)
+    data = ragged(6)
+    cfg = dict(steps=3, batch_size=2, grad_accum=2, lr=3e-3, device="cpu", log_every=1,
+               on_policy_fraction=0.5, on_policy_max_new_tokens=4, on_policy_prompt_len=3)
+    full = tiny_llama(seed=2, dtype=torch.float32)
+    ref = train(full, data, TrainConfig(out_dir=str(tmp_path / "a"), **cfg), teacher=teacher, log=None)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_3(rec):
+        if rec["step"] == 3:
+            raise Crash
+    with pytest.raises(Crash):
+        train(tiny_llama(seed=2, dtype=torch.float32), data,
+              TrainConfig(out_dir=str(tmp_path / "b"), save_every=2, **cfg), teacher=teacher,
+              log=crash_at_3)
+    resumed = tiny_llama(seed=99, dtype=torch.float32)
+    res = train(resumed, data, TrainConfig(out_dir=str(tmp_path / "b"), save_every=2, **cfg),
+                teacher=teacher, log=None)
+    assert ref.history[2]["on_policy_micro_batches"] > 0     # the resumed step samples
+    for (k, x), y in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(x, y), k
+    assert [r["loss"] for r in res.history] == [r["loss"] for r in ref.history]
+
+
 def test_mixed_batches_use_the_cache_offline_and_the_teacher_on_policy(monkeypatch):
     """With cached slots in the data, only the on-policy micro-batches run the teacher's body."""
     from kdkernels import linear_topk
