@@ -4,7 +4,16 @@ linear_topk : per row the k largest lp_j = z_j/T - LSE(z/T), z = softcap(h W^T +
               descending, ties by the smaller id.
 linear_sample: inverse CDF of softmax(z/T) at sorted uniforms u (float64): sample r is the smallest j
               with CDF(j) > u_r * CDF(V-1) (scaling by the total absorbs rounding, so a token of
-              probability 0 is never drawn).
+              probability 0 is never drawn). Two levels, so that nothing of size V runs in float64:
+                e_j   = exp(z_j/T - max z/T)                    fp32, in place (e_j = p_j * Z)
+                E_b   = sum of e over column block b of _BLOCK  fp32 sums, then a float64 cumsum C_b
+                draw  = block b = #{C_b <= u Z}, then inside b the float64 cumsum of its e from C_(b-1)
+              CDF(V-1) = Z = C_(nb-1) and LSE = max + log Z. The CDF differs from the exact one by
+              fp32 rounding of the e_j and the block sums (~1e-7 relative), so a draw can differ from a
+              float64 reference only when u Z falls that close to a CDF step. If rounding leaves u Z
+              past the in-block cumsum, the draw is the block's last token of positive probability
+              (its last token if it has none: only for u >= 1, NaN or all -inf logits).
+              Per row: one exp pass over V, V / _BLOCK sums, draws x _BLOCK float64 work.
 Blocks of rows keep the (rows, V) temporaries within opts.chunk_bytes.
 """
 from __future__ import annotations
@@ -65,17 +74,47 @@ def linear_topk(h, w, bias, k: int, opts: KDOptions):
     return logprobs, ids, lse
 
 
+_BLOCK = 64   # columns per partial sum of linear_sample (V / _BLOCK sums + draws x _BLOCK per row)
+
+
 def linear_sample(h, w, bias, uniforms: torch.Tensor, opts: KDOptions):
     """Raw draws (N, draws) int64, nondecreasing per row (uniforms are sorted), and LSE (N,)."""
     n, v = h.shape[0], w.shape[0]
+    d = uniforms.shape[1]
     out = torch.empty(uniforms.shape, dtype=torch.int64, device=h.device)
     lse = h.new_empty(n, dtype=torch.float32)
-    step = row_block(n, v, opts.chunk_bytes, 6)
+    nb, full = -(-v // _BLOCK), v // _BLOCK * _BLOCK
+    offs = torch.arange(_BLOCK, device=h.device)
+    step = row_block(n, v, opts.chunk_bytes, 3)
     for r in range(0, n, step):
         s = slice(r, r + step)
-        z = linear_logits(h[s], w, bias, opts.student_softcap) / opts.temperature
-        lse[s] = torch.logsumexp(z, 1)
-        cdf = (z - lse[s].unsqueeze(1)).double().exp().cumsum(1)
-        u = uniforms[s].double() * cdf[:, -1:]
-        out[s] = torch.searchsorted(cdf, u, right=True).clamp_max(v - 1)
+        z = linear_logits(h[s], w, bias, opts.student_softcap)   # a fresh tensor: updated in place
+        rows = z.shape[0]
+        if opts.temperature != 1.0:
+            z.div_(opts.temperature)
+        m = z.amax(1, keepdim=True)
+        m = torch.where(m == float("-inf"), torch.zeros_like(m), m)   # all -inf row: e = 0
+        e = z.sub_(m).exp_()
+        sums = e[:, :full].unflatten(1, (full // _BLOCK, _BLOCK)).sum(2)
+        if full < v:
+            sums = torch.cat([sums, e[:, full:].sum(1, keepdim=True)], 1)
+        cdf = sums.double().cumsum_(1)                                # C_b, (rows, nb)
+        total = cdf[:, -1:]
+        lse[s] = (m.double() + total.log()).squeeze(1).float()
+        t = uniforms[s].double() * total                              # thresholds u Z, (rows, D)
+        blk = torch.searchsorted(cdf, t, right=True).clamp_max_(nb - 1)
+        rest = t - cdf.gather(1, (blk - 1).clamp_min(0)).masked_fill_(blk == 0, 0.0)
+        if full == v:                                                 # the draws' blocks, (rows, D, _BLOCK)
+            vals = e.view(rows, nb, _BLOCK).gather(1, blk.unsqueeze(2).expand(rows, d, _BLOCK))
+        else:
+            cols = blk.unsqueeze(2) * _BLOCK + offs
+            vals = e.gather(1, cols.clamp_max(v - 1).view(rows, -1)).view(rows, d, _BLOCK)
+            vals = vals.masked_fill_(cols >= v, 0.0)
+        # first in-block j with cumsum > u Z - C_(b-1); the block cumsum is fp32 like its sum E_b
+        pos = (vals.cumsum(2) <= rest.float().unsqueeze(2)).sum(2)
+        over = pos == _BLOCK                                          # rounding left u Z past the block
+        if bool(over.any()):                                          # host sync; inference only
+            last = torch.where(vals[over] > 0, offs, -1).amax(1)      # last positive e_j, -1: none
+            pos[over] = torch.where(last >= 0, last, (v - 1 - blk[over] * _BLOCK).clamp_max(_BLOCK - 1))
+        out[s] = blk * _BLOCK + pos
     return out, lse
