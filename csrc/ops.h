@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <type_traits>
 
 #include "driver.h"
 
@@ -40,6 +41,11 @@ inline Params params_from(c10::ArrayRef<double> f, c10::IntArrayRef i) {
   TORCH_CHECK(p.chunk_bytes > 0, "kdkernels_native: chunk_bytes must be > 0, got ", p.chunk_bytes);
   return p;
 }
+
+// CPU linear_sample: the streaming sampler of cpu/sample_cpu.cpp (other devices: driver::linear_sample).
+std::tuple<at::Tensor, at::Tensor> linear_sample_cpu(const at::Tensor& h, const at::Tensor& w,
+                                                     const OptTensor& b, const at::Tensor& u,
+                                                     const Params& p);
 
 template <class Epi>
 struct Ops {
@@ -86,7 +92,8 @@ struct Ops {
   static std::tuple<at::Tensor, at::Tensor> linear_sample(const at::Tensor& h, const at::Tensor& w,
                                                           const OptTensor& b, const at::Tensor& u,
                                                           c10::ArrayRef<double> f, c10::IntArrayRef i) {
-    return driver::linear_sample<Epi>(h, w, b, u, params_from(f, i));
+    if constexpr (std::is_same<Epi, CpuEpi>::value) return linear_sample_cpu(h, w, b, u, params_from(f, i));
+    else return driver::linear_sample<Epi>(h, w, b, u, params_from(f, i));
   }
 };
 

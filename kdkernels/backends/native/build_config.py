@@ -15,7 +15,7 @@ CSRC = REPO / "csrc"
 CPU_NAME = "kdkernels_native_cpu"
 CUDA_NAME = "kdkernels_native_cuda"
 
-CPU_SOURCES = ["bindings.cpp", "cpu/epilogue_cpu.cpp"]
+CPU_SOURCES = ["bindings.cpp", "cpu/epilogue_cpu.cpp", "cpu/sample_cpu.cpp"]
 CUDA_SOURCES = ["bindings_cuda.cpp", "cuda/epilogue_cuda.cu"]
 CUDA_HEADERS = ["cuda/block.cuh"]
 HEADERS = ["epilogue.h", "dispatch.h", "driver.h", "ops.h",
