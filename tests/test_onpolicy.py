@@ -76,7 +76,7 @@ def test_rollout_is_the_students_inverse_cdf_sampler():
     before = prompts.clone()
     tau, G = 0.7, 6
     got = OP.rollout(lm_parts(student), prompts, G, temperature=tau,
-                     generator=torch.Generator().manual_seed(5), eos_token_id=None)
+                     generator=torch.Generator().manual_seed(5), eos_token_id=None, backend="torch")
     assert torch.equal(prompts, before) and student.training
     # reference: a full forward (no KV cache) per step and the documented inverse CDF on the same
     # uniform stream: y = smallest j with CDF(j) > u * CDF(V-1), u = torch.rand(B, 1, generator)
@@ -105,7 +105,7 @@ def test_rollout_stops_at_eos_and_ignores_what_follows():
     prompts = torch.randint(160, V, (4, 3), generator=torch.Generator().manual_seed(1))
     G = 12
     out = OP.rollout(lm_parts(student), prompts, G, generator=torch.Generator().manual_seed(3),
-                     eos_token_id=eos, pad_id=0)
+                     eos_token_id=eos, pad_id=0, backend="torch")
     gen = out["input_ids"][:, 3:]
     assert gen.shape[1] < G, "every sequence ended early: generation must stop"
     is_eos = torch.isin(gen, torch.tensor(eos))
@@ -135,7 +135,7 @@ def test_on_policy_loss_matches_dense_float64(divergence, beta):
     student, teacher = tiny_llama(seed=2), tiny_llama(h=48, seed=1)
     prompts = torch.randint(3, V, (3, 5), generator=torch.Generator().manual_seed(2))
     # EOS on a third of the vocabulary: some rows end early, so ignored generated rows exist too
-    batch = OP.rollout(lm_parts(student), prompts, 7, temperature=1.3,
+    batch = OP.rollout(lm_parts(student), prompts, 7, temperature=1.3, backend="torch",
                        generator=torch.Generator().manual_seed(4), eos_token_id=list(range(3, 100)))
     n = int((batch["labels"] != -100).sum())
     assert 3 <= n < 3 * 7
@@ -163,7 +163,7 @@ def test_prompt_rows_get_no_gradient():
     student, teacher = tiny_llama(seed=2), tiny_llama(h=48, seed=1)
     prompts = torch.randint(3, V, (2, 6), generator=torch.Generator().manual_seed(2))
     batch = OP.rollout(lm_parts(student), prompts, 5, generator=torch.Generator().manual_seed(1),
-                       eos_token_id=None)
+                       eos_token_id=None, backend="torch")
     seen = []
 
     def keep(module, args, out):
@@ -205,7 +205,7 @@ def test_loop_step_equals_the_rollouts_dense_reference():
         b = collate([data[i] for i in s.indices(0, m)])
         batches.append(OP.rollout(lm_parts(student), OP.prompts_from(b, 4), 5, temperature=0.9,
                                   generator=OP.rollout_generator(3, 0, m, "cpu"),
-                                  eos_token_id=OP.eos_ids(student)))
+                                  eos_token_id=OP.eos_ids(student), backend="torch"))
     n = sum(int((b["labels"] != -100).sum()) for b in batches)
     ref = sum(dense_rows(student, teacher, b, "jsd", 0.4, 1.5, 0.8).sum() for b in batches) / n
     ref.backward()
