@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "akl")
 TAILS = ("bucket", "renorm_teacher", "renorm_both")
 VALUES = ("logprobs", "weights")
 REDUCTIONS = ("mean", "sum", "none")
@@ -47,6 +47,8 @@ class KDOptions:
     temperature: float = 1.0
     beta: float = 0.5          # jsd mixing weight
     alpha: float = 0.1         # skew mixing weight
+    mu: float = 0.5            # akl: teacher head mass
+    akl_head_max: int = 256    # akl: at most this many tokens in the head set
     scale_by_temperature_squared: bool = True
     ignore_index: int = -100
     ce_weight: float = 0.0
@@ -71,6 +73,11 @@ class KDOptions:
             _check_open_unit("beta", self.beta, "jsd")
         if self.divergence in ("skew_forward_kl", "skew_reverse_kl"):
             _check_open_unit("alpha", self.alpha, self.divergence)
+        if self.divergence == "akl":
+            _check_open_unit("mu", self.mu, "akl")
+            m = self.akl_head_max
+            if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+                raise ValueError(f"akl_head_max must be an int >= 1, got {m!r}")
         for name in ("ce_weight", "kd_weight"):
             w = getattr(self, name)
             if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
@@ -92,13 +99,14 @@ class KDOptions:
 
     def check_sparse(self) -> None:
         """Combinations that are meaningless for a sparse teacher (docs/semantics.md)."""
-        if self.divergence == "reverse_kl":
+        if self.divergence in ("reverse_kl", "akl"):
+            d = self.divergence
             if self.tail == "renorm_teacher":
-                raise ValueError("divergence='reverse_kl' with tail='renorm_teacher' is infinite: the "
+                raise ValueError(f"divergence={d!r} with tail='renorm_teacher' is infinite: the "
                                  "renormalized teacher has no mass outside its ids; use tail='bucket' "
                                  "or 'renorm_both'")
             if self.values == "weights" and self.tail != "renorm_both":
-                raise ValueError("divergence='reverse_kl' with values='weights' is infinite: a sampled "
+                raise ValueError(f"divergence={d!r} with values='weights' is infinite: a sampled "
                                  "teacher has no mass outside its support; use tail='renorm_both' or "
                                  "a forward divergence")
 

@@ -12,6 +12,9 @@ from ._ops import (kd_backward, kd_forward, linear_kd_backward, linear_kd_forwar
                    linear_sparse_kd_backward, linear_sparse_kd_forward, linear_topk)
 
 NAME = "native"
+# Public ops not implemented yet (kdkernels.dispatch: an explicit request raises, "auto" skips us).
+UNSUPPORTED_OPS = ("kd_loss(divergence='akl')", "fused_linear_kd_loss(divergence='akl')",
+                   "fused_linear_sparse_kd_loss(divergence='akl')")
 
 
 def is_loaded_or_prebuilt() -> bool:

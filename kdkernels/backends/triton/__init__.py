@@ -14,6 +14,9 @@ import sys
 from typing import Optional
 
 NAME = "triton"
+# Public ops not implemented yet (kdkernels.dispatch: an explicit request raises, "auto" skips us).
+UNSUPPORTED_OPS = ("kd_loss(divergence='akl')", "fused_linear_kd_loss(divergence='akl')",
+                   "fused_linear_sparse_kd_loss(divergence='akl')")
 _KERNELS = ("losses", "heads")
 _loaded_interpreted: Optional[bool] = None   # the TRITON_INTERPRET mode the kernels were built in
 
