@@ -158,6 +158,8 @@ def train(model: torch.nn.Module, data: Sequence[dict], cfg: TrainConfig, *,
 
     `data[i]` is a dict with `input_ids` (L,) and optionally `teacher_ids`/`teacher_values` (L, k)
     and an int `domain`; `collate_fn(list_of_examples)` makes a batch (default: data.collate).
+    With cfg.on_policy_fraction > 0, `teacher` (required) scores the student's rollouts and the
+    other micro-batches use their cached slots when they have them (docs/onpolicy.md).
     """
     device = _device(cfg.device)
     use_bf16 = (device.type == "cuda") if cfg.bf16 is None else cfg.bf16
