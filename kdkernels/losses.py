@@ -10,6 +10,7 @@ from typing import Optional, Union
 
 import torch
 
+from . import akl as A
 from . import validate as V
 from .dispatch import resolve
 from .options import REDUCTIONS, KDOptions
@@ -18,7 +19,20 @@ Number = Union[int, float]
 
 
 def _options(**kw) -> KDOptions:
-    return KDOptions(**{k: v for k, v in kw.items() if v is not None})
+    opts = KDOptions(**{k: v for k, v in kw.items() if v is not None})
+    if opts.divergence == "akl" and not opts.kd_weight:   # no KD term: nothing to weigh
+        import dataclasses
+        opts = dataclasses.replace(opts, divergence="forward_kl")
+    return opts
+
+
+def _op_name(op: str, opts: KDOptions) -> str:
+    """The op as dispatch knows it: backends may lack divergence='akl' (docs/backends.md)."""
+    return f"{op}(divergence='akl')" if opts.divergence == "akl" else op
+
+
+def _akl_extra(weights: Optional[torch.Tensor]) -> dict:
+    return {} if weights is None else {"akl_weights": weights}
 
 
 def _options_from(args: dict) -> KDOptions:
@@ -127,7 +141,12 @@ def _flatten_rows(name: str, t: torch.Tensor) -> torch.Tensor:
 
 def _vocab_parallel(op: str, args: dict) -> torch.Tensor:
     """process_group= given: each rank holds a vocabulary shard (docs/scaling.md)."""
+    if args.get("divergence") == "akl":
+        raise NotImplementedError("divergence='akl' with process_group= (vocabulary-parallel heads) is "
+                                  "not implemented: the teacher's head set would need a distributed "
+                                  "top-k; run AKL without process_group")
     from .distributed import vocab_parallel
+    args = {k: v for k, v in args.items() if k not in ("mu", "akl_head_max")}
     return getattr(vocab_parallel, op)(**args)
 
 
@@ -139,22 +158,26 @@ class _KDLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zs, zt, rows: _Rows, backend, opts: KDOptions, lead_shape):
         loss_rows, stats = backend.kd_forward(zs, zt, rows.ce_labels, opts)
+        w = None
+        if opts.divergence == "akl":
+            loss_rows, w = A.finish_logits(loss_rows, stats, zs, zt, opts, rows.mask)
         V.finite_loss(loss_rows, rows.mask, "student_logits or teacher_logits")
-        ctx.save_for_backward(zs, zt, rows.ce_labels, rows.mask, rows.denom, stats)
+        ctx.save_for_backward(zs, zt, rows.ce_labels, rows.mask, rows.denom, stats, w)
         ctx.backend, ctx.opts, ctx.reduction = backend, opts, rows.reduction
         return rows.reduce(loss_rows, lead_shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        zs, zt, ce_labels, mask, denom, stats = ctx.saved_tensors
+        zs, zt, ce_labels, mask, denom, stats, w = ctx.saved_tensors
         grad_rows = _Rows.grad_rows(grad_out, ctx.reduction, mask, denom)
-        g = ctx.backend.kd_backward(zs, zt, ce_labels, stats, grad_rows, ctx.opts)
+        g = ctx.backend.kd_backward(zs, zt, ce_labels, stats, grad_rows, ctx.opts, **_akl_extra(w))
         return g, None, None, None, None, None
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
             divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
-            alpha: float = 0.1, scale_by_temperature_squared: bool = True,
+            alpha: float = 0.1, mu: float = 0.5, akl_head_max: int = 256,
+            scale_by_temperature_squared: bool = True,
             labels: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
             normalizer: Optional[Union[Number, torch.Tensor]] = None, ce_weight: float = 0.0,
             kd_weight: float = 1.0, vocab_size: Optional[int] = None, backend: Optional[str] = None,
@@ -173,7 +196,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     v = V.common_vocab(full_v, zt.shape[1], vocab_size)
     zs, zt = zs[:, :v], zt[:, :v]
     rows = _Rows(labels, zs.shape[0], device, opts, reduction, normalizer, v)
-    mod = resolve(backend, device.type, "kd_loss")
+    mod = resolve(backend, device.type, _op_name("kd_loss", opts))
     return _KDLoss.apply(zs, zt.detach(), rows, mod, opts, lead)
 
 
@@ -202,18 +225,22 @@ class _LinearKDLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, rows: _Rows, backend, opts, lead_shape):
         loss_rows, stats = backend.linear_kd_forward(hs, ws, bs, ht, wt, bt, rows.ce_labels, opts)
+        w = None
+        if opts.divergence == "akl":
+            loss_rows, w = A.finish_linear(loss_rows, stats, backend, hs, ws, bs, ht, wt, bt, opts,
+                                           rows.mask)
         V.finite_loss(loss_rows, rows.mask, "the hidden states or LM-head weights")
-        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, rows.ce_labels, rows.mask, rows.denom, stats)
+        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, rows.ce_labels, rows.mask, rows.denom, stats, w)
         ctx.backend, ctx.opts, ctx.reduction = backend, opts, rows.reduction
         return rows.reduce(loss_rows, lead_shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        hs, ws, bs, ht, wt, bt, ce_labels, mask, denom, stats = ctx.saved_tensors
+        hs, ws, bs, ht, wt, bt, ce_labels, mask, denom, stats, w = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bs is not None and ctx.needs_input_grad[2])
         grad_rows = _Rows.grad_rows(grad_out, ctx.reduction, mask, denom)
         dh, dw, db = ctx.backend.linear_kd_backward(hs, ws, bs, ht, wt, bt, ce_labels, stats,
-                                                    grad_rows, ctx.opts, need)
+                                                    grad_rows, ctx.opts, need, **_akl_extra(w))
         return dh, dw, db, None, None, None, None, None, None, None
 
 
@@ -224,7 +251,8 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
                          student_softcap: Optional[float] = None,
                          teacher_softcap: Optional[float] = None,
                          divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
-                         alpha: float = 0.1, scale_by_temperature_squared: bool = True,
+                         alpha: float = 0.1, mu: float = 0.5, akl_head_max: int = 256,
+                         scale_by_temperature_squared: bool = True,
                          labels: Optional[torch.Tensor] = None, ignore_index: int = -100,
                          reduction: str = "mean",
                          normalizer: Optional[Union[Number, torch.Tensor]] = None,
@@ -245,7 +273,7 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     ws, bs = _cut_head(student_weight, student_bias, v)
     wt, bt = _cut_head(teacher_weight, teacher_bias, v)
     rows = _Rows(labels, hs.shape[0], device, opts, reduction, normalizer, v)
-    mod = resolve(backend, device.type, "fused_linear_kd_loss")
+    mod = resolve(backend, device.type, _op_name("fused_linear_kd_loss", opts))
     return _LinearKDLoss.apply(hs, ws, bs, ht.detach(), wt.detach(),
                                bt.detach() if bt is not None else None, rows, mod, opts, lead)
 
@@ -258,18 +286,21 @@ class _LinearSparseKDLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ws, bs, ids, vals, rows: _Rows, backend, opts, lead_shape):
         loss_rows, stats = backend.linear_sparse_kd_forward(hs, ws, bs, ids, vals, rows.ce_labels, opts)
+        w = None
+        if opts.divergence == "akl":
+            loss_rows, w = A.finish_sparse(loss_rows, stats, hs, ws, bs, ids, vals, opts, rows.mask)
         V.finite_loss(loss_rows, rows.mask, "student_hidden or student_weight")
-        ctx.save_for_backward(hs, ws, bs, ids, vals, rows.ce_labels, rows.mask, rows.denom, stats)
+        ctx.save_for_backward(hs, ws, bs, ids, vals, rows.ce_labels, rows.mask, rows.denom, stats, w)
         ctx.backend, ctx.opts, ctx.reduction = backend, opts, rows.reduction
         return rows.reduce(loss_rows, lead_shape)
 
     @staticmethod
     def backward(ctx, grad_out):
-        hs, ws, bs, ids, vals, ce_labels, mask, denom, stats = ctx.saved_tensors
+        hs, ws, bs, ids, vals, ce_labels, mask, denom, stats, w = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bs is not None and ctx.needs_input_grad[2])
         grad_rows = _Rows.grad_rows(grad_out, ctx.reduction, mask, denom)
         dh, dw, db = ctx.backend.linear_sparse_kd_backward(hs, ws, bs, ids, vals, ce_labels, stats,
-                                                           grad_rows, ctx.opts, need)
+                                                           grad_rows, ctx.opts, need, **_akl_extra(w))
         return dh, dw, db, None, None, None, None, None, None
 
 
@@ -279,8 +310,8 @@ def fused_linear_sparse_kd_loss(student_hidden: torch.Tensor, student_weight: to
                                 student_bias: Optional[torch.Tensor] = None,
                                 student_softcap: Optional[float] = None,
                                 divergence: str = "forward_kl", temperature: float = 1.0,
-                                beta: float = 0.5, alpha: float = 0.1,
-                                scale_by_temperature_squared: bool = True,
+                                beta: float = 0.5, alpha: float = 0.1, mu: float = 0.5,
+                                akl_head_max: int = 256, scale_by_temperature_squared: bool = True,
                                 labels: Optional[torch.Tensor] = None, ignore_index: int = -100,
                                 reduction: str = "mean",
                                 normalizer: Optional[Union[Number, torch.Tensor]] = None,
@@ -305,5 +336,5 @@ def fused_linear_sparse_kd_loss(student_hidden: torch.Tensor, student_weight: to
     V.sparse_teacher(ids, vals, v, opts.values)
     ws, bs = _cut_head(student_weight, student_bias, v)
     rows = _Rows(labels, hs.shape[0], device, opts, reduction, normalizer, v)
-    mod = resolve(backend, device.type, "fused_linear_sparse_kd_loss")
+    mod = resolve(backend, device.type, _op_name("fused_linear_sparse_kd_loss", opts))
     return _LinearSparseKDLoss.apply(hs, ws, bs, ids, vals, rows, mod, opts, lead)

@@ -31,8 +31,9 @@ FORMS = ("logits", "linear") + SPARSE_FORMS
 
 
 def rejected(form: str, divergence: str) -> bool:
-    """Combinations the spec rejects: reverse KL against a teacher with no mass outside its ids."""
-    if divergence != "reverse_kl" or not form.startswith("sparse"):
+    """Combinations the spec rejects: reverse KL (alone or in AKL) against a teacher with no mass
+    outside its ids."""
+    if divergence not in ("reverse_kl", "akl") or not form.startswith("sparse"):
         return False
     _, values, tail = form.split(":")
     return tail == "renorm_teacher" or (values == "weights" and tail != "renorm_both")
@@ -74,9 +75,35 @@ def _log_mix(lx: torch.Tensor, ly: torch.Tensor, w: float) -> torch.Tensor:
     return torch.log(torch.where(m > 0, m, torch.ones_like(m)))
 
 
+def akl(lp: torch.Tensor, lq: torch.Tensor, mu: float = 0.5, head_max: int = 256,
+        candidates: Optional[int] = None, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Adaptive KL (spec, "Adaptive KL"): H = the teacher's top outcomes among the first
+    `candidates` columns (all by default; the k slots of a sparse teacher, never its tail outcome)
+    in descending p until the cumulative p reaches mu, at most head_max; weights without gradient."""
+    with torch.no_grad():
+        p, q = lp.exp(), lq.exp()
+        c = lp.shape[-1] if candidates is None else candidates
+        # descending p, ties by the smaller token id (the column index, or `ids` of sparse slots)
+        by_id = (torch.arange(c).expand(lp.shape[0], c) if ids is None
+                 else torch.where(ids >= 0, ids, ids.max() + 1 + torch.arange(c)).argsort(1))
+        by_id = by_id.to(lp.device)
+        srt = torch.sort(lp[:, :c].gather(1, by_id), dim=1, descending=True, stable=True).indices
+        order = by_id.gather(1, srt)[:, :head_max]
+        ps = p.gather(1, order)
+        in_h = (ps.cumsum(1) - ps) < mu
+        g_head = torch.where(in_h, (ps - q.gather(1, order)).abs(), 0.0).sum(1)
+        g_tail = ((p - q).abs().sum(1) - g_head).clamp_min(0.0)
+        total = g_head + g_tail
+        w_h = torch.where(total > 0, g_head / torch.where(total > 0, total, 1.0), 0.5)
+    return w_h * _kl(lp, lq) + (1 - w_h) * _kl(lq, lp)
+
+
 def divergence(lp: torch.Tensor, lq: torch.Tensor, name: str, beta: float = 0.5,
-               alpha: float = 0.1) -> torch.Tensor:
+               alpha: float = 0.1, mu: float = 0.5, akl_head_max: int = 256,
+               candidates: Optional[int] = None, ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """D(p, q) summed over the last dim (the outcomes), from teacher and student log-probs."""
+    if name == "akl":
+        return akl(lp, lq, mu, akl_head_max, candidates, ids)
     if name == "forward_kl":
         return _kl(lp, lq)
     if name == "reverse_kl":
@@ -107,13 +134,14 @@ def _scale(temperature, scale_by_temperature_squared, kd_weight):
 
 
 def dense_rows(zs, zt, *, divergence_name="forward_kl", temperature=1.0, beta=0.5, alpha=0.1,
-               scale_by_temperature_squared=True, kd_weight=1.0, ce_weight=0.0, labels=None):
+               scale_by_temperature_squared=True, kd_weight=1.0, ce_weight=0.0, labels=None,
+               mu=0.5, akl_head_max=256):
     """Per-row loss for a dense teacher, both logits (N, V) already softcapped and cut to V."""
     T = temperature
     lq = torch.log_softmax(zs / T, -1)
     lp = torch.log_softmax(zt / T, -1)
     rows = _scale(T, scale_by_temperature_squared, kd_weight) * divergence(lp, lq, divergence_name,
-                                                                            beta, alpha)
+                                                                            beta, alpha, mu, akl_head_max)
     if ce_weight:
         rows = rows + ce_weight * cross_entropy_rows(zs, labels)
     return rows
@@ -121,7 +149,7 @@ def dense_rows(zs, zt, *, divergence_name="forward_kl", temperature=1.0, beta=0.
 
 def sparse_rows(zs, ids, vals, *, values="logprobs", tail="bucket", divergence_name="forward_kl",
                 temperature=1.0, beta=0.5, alpha=0.1, scale_by_temperature_squared=True,
-                kd_weight=1.0, ce_weight=0.0, labels=None):
+                kd_weight=1.0, ce_weight=0.0, labels=None, mu=0.5, akl_head_max=256):
     """Per-row loss for a cached sparse teacher (ids (N, k), -1 = empty slot) on the full student
     logits zs (N, V): the divergence over the k ids plus one tail outcome (spec, "Tail modes")."""
     T = temperature
@@ -157,8 +185,9 @@ def sparse_rows(zs, ids, vals, *, values="logprobs", tail="bucket", divergence_n
         lQ = torch.where(covers_all, none, lQ)
         lp_out = torch.cat([lpK, lP.unsqueeze(1)], 1)
         lq_out = torch.cat([lqK, lQ.unsqueeze(1)], 1)
-    rows = _scale(T, scale_by_temperature_squared, kd_weight) * divergence(lp_out, lq_out,
-                                                                            divergence_name, beta, alpha)
+    rows = _scale(T, scale_by_temperature_squared, kd_weight) * divergence(
+        lp_out, lq_out, divergence_name, beta, alpha, mu, akl_head_max, candidates=ids.shape[1],
+        ids=ids)
     if ce_weight:
         rows = rows + ce_weight * cross_entropy_rows(zs, labels)
     return rows
@@ -198,7 +227,8 @@ def reduce_rows(rows: torch.Tensor, mask: torch.Tensor, reduction: str, normaliz
 
 
 def _row_options(opts: dict) -> dict:
-    keys = ("temperature", "beta", "alpha", "scale_by_temperature_squared", "kd_weight", "ce_weight")
+    keys = ("temperature", "beta", "alpha", "scale_by_temperature_squared", "kd_weight", "ce_weight",
+            "mu", "akl_head_max")
     out = {k: opts[k] for k in keys if k in opts}
     out["divergence_name"] = opts.get("divergence", "forward_kl")
     return out

@@ -7,8 +7,13 @@ Per row, with K the valid ids (id >= 0) and b = z_s / T (docs/semantics.md, "Spa
     D = sum_K f(p_i, q_i) + f(P, Q),   S = sum_K qh_i + qh(P, Q),   h_Q = qh(P, Q) / Q
     dD/db_j = q_j (h_Q - S) outside K, qh_j - q_j S at j in K   (renorm_both: 0 outside K)
 Saved per row: stats = [LSE(b) (LSE over K for renorm_both), LSE(z_s), h_Q, S].
+divergence="akl" (docs/backends.md): loss = CE part only; stats (N, 11) =
+[LSE(b), LSE(z_s), h_Q fkl, S fkl, h_Q rkl, S rkl, lse_p, lse_q, fkl, rkl, tv] over the same
+outcomes; the backward mixes the two with the per-row weights [w_h, w_t].
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -42,15 +47,18 @@ def teacher_logprobs(vals: torch.Tensor, valid: torch.Tensor, opts: KDOptions):
             lp = lp - _masked_lse(lp, valid).clamp_min(-1e30).unsqueeze(1)
         log_p_tail = torch.full_like(lp[:, 0], _NEG_INF)
     else:
-        log_p_tail = log1mexp(_masked_lse(lp, valid)).clamp_min(LOG_TAIL_FLOOR)
+        # P = 1 - sum_K p in float64 (O(k) per row): when the k values hold nearly all the mass, P
+        # is far below fp32's resolution of 1 and fp32 would round it to noise, which terms like
+        # Q log(Q / P) (reverse KL) amplify.
+        log_p_tail = log1mexp(_masked_lse(lp.double(), valid)).clamp_min(LOG_TAIL_FLOOR).to(lp.dtype)
     return lp, log_p_tail
 
 
-def _k_terms(b, ids, valid, vals, lse, opts: KDOptions):
+def _k_terms(b, ids, valid, vals, lse, opts: KDOptions, akl_weights=None):
     """Per-row pieces at the k ids: (lqK, qhK, D_K, S_K, lP); cheap, O(rows * k)."""
     lpK, lP = teacher_logprobs(vals, valid, opts)
     lqK = (b.gather(1, ids.clamp_min(0)) - lse.unsqueeze(1)).masked_fill(~valid, _NEG_INF)
-    fK, qhK = element_terms(lpK, lqK, opts)
+    fK, qhK = element_terms(lpK, lqK, opts, akl_weights)
     return lqK, qhK, fK.sum(1), qhK.sum(1), lP
 
 
@@ -75,21 +83,55 @@ def _log_q_tail(b, ids, valid, lqK, lse):
     return lQ.clamp_min(LOG_TAIL_FLOOR)
 
 
-def _sparse_forward_rows(b, ids, vals, opts: KDOptions):
-    """(D, lse, h_Q, S) per row of the block's scaled logits b."""
+def _outcomes(b, ids, vals, opts: KDOptions):
+    """The outcomes of the tail mode as log-probabilities: (lse, lpK, lqK, tail), tail = None for
+    renorm_both, else (log P, log Q, rows where K covers the vocabulary: no tail outcome)."""
     valid = ids >= 0
     lse = _student_lse(b, ids, valid, opts)
-    lqK, qhK, D, S, lP = _k_terms(b, ids, valid, vals, lse, opts)
-    hQ = torch.zeros_like(D)
+    lpK, lP = teacher_logprobs(vals, valid, opts)
+    lqK = (b.gather(1, ids.clamp_min(0)) - lse.unsqueeze(1)).masked_fill(~valid, _NEG_INF)
+    tail = None
     if opts.tail != "renorm_both":
-        full = valid.sum(1) == b.shape[1]          # K covers the vocabulary: no tail outcome
-        lQ = _log_q_tail(b, ids, valid, lqK, lse)
+        tail = (lP, _log_q_tail(b, ids, valid, lqK, lse), valid.sum(1) == b.shape[1])
+    return lse, lpK, lqK, tail
+
+
+def _sums(lpK, lqK, tail, opts: KDOptions):
+    """(D, S, h_Q) of opts.divergence over the outcomes."""
+    fK, qhK = element_terms(lpK, lqK, opts)
+    D, S = fK.sum(1), qhK.sum(1)
+    hQ = torch.zeros_like(D)
+    if tail is not None:
+        lP, lQ, full = tail
         fQ, qhQ = element_terms(lP.unsqueeze(1), lQ.unsqueeze(1), opts)
         fQ = fQ.squeeze(1).masked_fill(full, 0.0)
         qhQ = qhQ.squeeze(1).masked_fill(full, 0.0)
         D, S = D + fQ, S + qhQ
         hQ = qhQ * torch.exp(-lQ)
+    return D, S, hQ
+
+
+def _sparse_forward_rows(b, ids, vals, opts: KDOptions):
+    """(D, lse, h_Q, S) per row of the block's scaled logits b."""
+    lse, lpK, lqK, tail = _outcomes(b, ids, vals, opts)
+    D, S, hQ = _sums(lpK, lqK, tail, opts)
     return D, lse, hQ, S
+
+
+def _akl_forward_rows(b, ids, vals, opts: KDOptions) -> torch.Tensor:
+    """(rows, 10): [lse, h_Q fkl, S fkl, h_Q rkl, S rkl, lse_p, lse_q, fkl, rkl, tv] (AKL's pieces)."""
+    lse, lpK, lqK, tail = _outcomes(b, ids, vals, opts)
+    f_kl, s_f, hq_f = _sums(lpK, lqK, tail, dataclasses.replace(opts, divergence="forward_kl"))
+    r_kl, s_r, hq_r = _sums(lpK, lqK, tail, dataclasses.replace(opts, divergence="reverse_kl"))
+    half_tv, _, _ = _sums(lpK, lqK, tail, dataclasses.replace(opts, divergence="tvd"))
+    valid = ids >= 0
+    if opts.tail == "bucket":
+        lse_p = torch.zeros_like(lse)
+    else:   # the log-normalizer teacher_logprobs subtracted from u = v (or log v)
+        u = vals.to(lse.dtype)
+        u = (torch.log(u) if opts.values == "weights" else u).masked_fill(~valid, _NEG_INF)
+        lse_p = _masked_lse(u, valid).clamp_min(-1e30)
+    return torch.stack([lse, hq_f, s_f, hq_r, s_r, lse_p, lse, f_kl, r_kl, 2 * half_tv], 1)
 
 
 def ids_mask(ids: torch.Tensor, valid: torch.Tensor, shape) -> torch.Tensor:
@@ -105,15 +147,19 @@ def _scaled(z: torch.Tensor, T: float) -> torch.Tensor:
 def linear_sparse_kd_forward(hs, ws, bs, ids, vals, labels, opts: KDOptions):
     n, v = hs.shape[0], ws.shape[0]
     T = opts.temperature
+    akl = opts.divergence == "akl"
     loss = hs.new_empty(n, dtype=acc_dtype(hs))
-    stats = hs.new_empty(n, 4, dtype=acc_dtype(hs))
+    stats = hs.new_empty(n, 11 if akl else 4, dtype=acc_dtype(hs))
     step = row_block(n, v, opts.chunk_bytes, _TEMPS)
     for r in range(0, n, step):
         s = slice(r, r + step)
         z = linear_logits(hs[s], ws, bs, opts.student_softcap)
-        st = z.new_zeros(z.shape[0], 4)
+        st = z.new_zeros(z.shape[0], stats.shape[1])
         row = z.new_zeros(z.shape[0])
-        if opts.kd_weight:
+        if akl:      # the frontend (kdkernels/akl.py) forms the KD part from these columns
+            parts = _akl_forward_rows(_scaled(z, T), ids[s], vals[s], opts)
+            st[:, 0], st[:, 2:] = parts[:, 0], parts[:, 1:]
+        elif opts.kd_weight:
             D, st[:, 0], st[:, 2], st[:, 3] = _sparse_forward_rows(_scaled(z, T), ids[s], vals[s], opts)
             row = opts.kd_scale * D
         if opts.ce_weight:
@@ -135,7 +181,8 @@ def _replace_at_ids(g, idx, valid, values):
     g.scatter_(1, idx, values)
 
 
-def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, opts: KDOptions, need):
+def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, opts: KDOptions, need,
+                              akl_weights=None):
     n, v = hs.shape[0], ws.shape[0]
     T = opts.temperature
     dh, dw32, db32 = alloc_head_grads(hs, ws, need)
@@ -146,8 +193,13 @@ def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, o
         if opts.kd_weight:
             b = _scaled(z, T)
             lse, hQ, S = stats[s, 0], stats[s, 2:3], stats[s, 3:4]
+            w = None
+            if opts.divergence == "akl":    # h_Q and S mix like the element terms
+                w = akl_weights[s]
+                hQ = (w * stats[s][:, [2, 4]]).sum(1, keepdim=True)
+                S = (w * stats[s][:, [3, 5]]).sum(1, keepdim=True)
             valid = ids[s] >= 0
-            lqK, qhK, _, _, _ = _k_terms(b, ids[s], valid, vals[s], lse, opts)
+            lqK, qhK, _, _, _ = _k_terms(b, ids[s], valid, vals[s], lse, opts, w)
             idx = ids[s].clamp_min(0)
             direct = (qhK - lqK.exp() * S).masked_fill(~valid, 0.0)
             if opts.tail == "renorm_both":

@@ -10,6 +10,7 @@ shape-agnostic, so the dense path, the sparse path and the tail outcome all use 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -25,11 +26,25 @@ def _zero_where_not(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def element_terms(lp: torch.Tensor, lq: torch.Tensor, opts: KDOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (f, qh) elementwise for opts.divergence."""
+def akl_terms(lp: torch.Tensor, lq: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """AKL's forward pieces elementwise: (f of forward KL, f of reverse KL, |p - q|); the qh of
+    forward KL is -p and that of reverse KL equals its f."""
+    p, q = lp.exp(), lq.exp()
+    return (_zero_where_not(p != 0, p * (lp - lq)), _zero_where_not(q != 0, q * (lq - lp)),
+            (p - q).abs())
+
+
+def element_terms(lp: torch.Tensor, lq: torch.Tensor, opts: KDOptions,
+                  akl_weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (f, qh) elementwise for opts.divergence. For "akl", `akl_weights` (rows, 2) holds the
+    per-row constants [w_h, w_t] and the terms are w_h * forward KL's + w_t * reverse KL's."""
     p, q = lp.exp(), lq.exp()
     has_p, has_q = p != 0, q != 0  # not "> 0": a NaN must propagate (and be reported), not vanish
     d = opts.divergence
+    if d == "akl":
+        wh, wt = akl_weights[:, 0:1], akl_weights[:, 1:2]
+        t = _zero_where_not(has_q, q * (lq - lp))
+        return wh * _zero_where_not(has_p, p * (lp - lq)) + wt * t, wt * t - wh * p
     if d == "forward_kl":
         return _zero_where_not(has_p, p * (lp - lq)), -p
     if d == "reverse_kl":
