@@ -15,8 +15,7 @@ from typing import Optional
 
 NAME = "triton"
 # Public ops not implemented yet (kdkernels.dispatch: an explicit request raises, "auto" skips us).
-UNSUPPORTED_OPS = ("kd_loss(divergence='akl')", "fused_linear_kd_loss(divergence='akl')",
-                   "fused_linear_sparse_kd_loss(divergence='akl')")
+UNSUPPORTED_OPS: tuple = ()
 _KERNELS = ("losses", "heads")
 _loaded_interpreted: Optional[bool] = None   # the TRITON_INTERPRET mode the kernels were built in
 
@@ -63,26 +62,27 @@ def kd_forward(zs, zt, labels, opts):
     return _kernels("losses").kd_forward(zs, zt, labels, opts)
 
 
-def kd_backward(zs, zt, labels, stats, grad_rows, opts):
-    return _kernels("losses").kd_backward(zs, zt, labels, stats, grad_rows, opts)
+def kd_backward(zs, zt, labels, stats, grad_rows, opts, akl_weights=None):
+    return _kernels("losses").kd_backward(zs, zt, labels, stats, grad_rows, opts, akl_weights)
 
 
 def linear_kd_forward(hs, ws, bs, ht, wt, bt, labels, opts):
     return _kernels("losses").linear_kd_forward(hs, ws, bs, ht, wt, bt, labels, opts)
 
 
-def linear_kd_backward(hs, ws, bs, ht, wt, bt, labels, stats, grad_rows, opts, need):
+def linear_kd_backward(hs, ws, bs, ht, wt, bt, labels, stats, grad_rows, opts, need, akl_weights=None):
     return _kernels("losses").linear_kd_backward(hs, ws, bs, ht, wt, bt, labels, stats, grad_rows,
-                                                 opts, need)
+                                                 opts, need, akl_weights)
 
 
 def linear_sparse_kd_forward(hs, ws, bs, ids, vals, labels, opts):
     return _kernels("losses").linear_sparse_kd_forward(hs, ws, bs, ids, vals, labels, opts)
 
 
-def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, opts, need):
+def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, opts, need,
+                              akl_weights=None):
     return _kernels("losses").linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats,
-                                                        grad_rows, opts, need)
+                                                        grad_rows, opts, need, akl_weights)
 
 
 def linear_topk(h, w, bias, k, opts):

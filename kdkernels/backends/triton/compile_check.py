@@ -24,7 +24,7 @@ def _configs(full: bool):
     """(kernel name, argument types, constexprs, launch options) for every variant to compile."""
     from . import dense_kernels as D, head_kernels as K, sparse_kernels as S  # noqa: E401
     dts = ("bf16", "fp32") if full else ("bf16",)
-    divs = range(6) if full else (2,)
+    divs = range(7) if full else (2, 6)     # 6: akl (its own branches in the terms/grad kernels)
     lin = dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64)
     logit = dict(BLOCK_N=8, BLOCK_V=1024, BLOCK_H=16)
     opts_lin = dict(num_warps=8, num_stages=3)
@@ -58,11 +58,12 @@ def _configs(full: bool):
         for div in divs:
             yield (f"_dense_terms_kernel[div={div}]", D._dense_terms_kernel,
                    {**two_heads, "lse_b_ptr": "*fp32", "lse_a_ptr": "*fp32", "f_ptr": "*fp32",
-                    "qh_ptr": "*fp32", "N": "i32", "V": "i32", "inv_T": "fp32", "LOG_W": "fp32",
+                    "qh_ptr": "*fp32", "tv_ptr": "*fp32", "N": "i32", "V": "i32", "inv_T": "fp32", "LOG_W": "fp32",
                     "LOG_1MW": "fp32", "cols_per_split": "i32", "n_splits": "i32"},
                    {**flags, **caps, "DIV": div, **tiles}, lopts)
             yield (f"_dense_grad_kernel[div={div}]", D._dense_grad_kernel,
-                   {**two_heads, "labels_ptr": "*i64", "stats_ptr": "*fp32", "grad_rows_ptr": "*fp32",
+                   {**two_heads, "labels_ptr": "*i64", "stats_ptr": "*fp32", "akl_ptr": "*fp32",
+                    "grad_rows_ptr": "*fp32",
                     "out_ptr": PTR[dt] if not linear else "*fp32", "stride_on": "i32", "stride_ov": "i32",
                     "N": "i32", "V": "i32", "c_start": "i32", "c_end": "i32", "inv_T": "fp32",
                     "kd_coef": "fp32", "ce_w": "fp32", "LOG_W": "fp32", "LOG_1MW": "fp32"},
@@ -80,15 +81,16 @@ def _configs(full: bool):
                         "kd_coef": "fp32", "LOG_W": "fp32", "LOG_1MW": "fp32", "log_floor": "fp32"},
                        {"DIV": div, "TAIL": tail, "WEIGHTS": weights, "P_TAIL": tail == 0 and not weights,
                         "COEF": coef, "BLOCK_N": 32, "KP": 64}, dict(num_warps=4))
-        yield ("_sparse_grad_kernel", S._sparse_grad_kernel,
-               {"h_ptr": PTR[dt], "stride_hn": "i32", "w_ptr": PTR[dt], "stride_wv": "i32", "b_ptr": PTR[dt],
-                "H": "i32", "cap": "fp32", "ids_ptr": "*i64", "stride_in": "i32", "lpk_ptr": "*fp32",
-                "dense_ptr": "*fp32", "labels_ptr": "*i64", "stats_ptr": "*fp32", "grad_rows_ptr": "*fp32",
-                "out_ptr": PTR[dt], "stride_on": "i32", "N": "i32", "V": "i32", "K": "i32", "c_start": "i32",
-                "c_end": "i32", "inv_T": "fp32", "kd_coef": "fp32", "ce_w": "fp32", "LOG_W": "fp32",
-                "LOG_1MW": "fp32"},
-               {"DIV": divs[0], "HAS_KD": True, "HAS_DENSE": True, "HAS_CE": True, "HAS_BIAS": True, "HAS_CAP": True,
-                "IEEE": ieee, **lin}, opts_lin)
+        for div in (divs if full else (divs[0], 6)):
+            yield (f"_sparse_grad_kernel[div={div}]", S._sparse_grad_kernel,
+                   {"h_ptr": PTR[dt], "stride_hn": "i32", "w_ptr": PTR[dt], "stride_wv": "i32", "b_ptr": PTR[dt],
+                    "H": "i32", "cap": "fp32", "ids_ptr": "*i64", "stride_in": "i32", "lpk_ptr": "*fp32",
+                    "dense_ptr": "*fp32", "labels_ptr": "*i64", "stats_ptr": "*fp32", "akl_ptr": "*fp32",
+                    "grad_rows_ptr": "*fp32", "out_ptr": PTR[dt], "stride_on": "i32", "N": "i32", "V": "i32",
+                    "K": "i32", "c_start": "i32", "c_end": "i32", "inv_T": "fp32", "kd_coef": "fp32",
+                    "ce_w": "fp32", "LOG_W": "fp32", "LOG_1MW": "fp32"},
+                   {"DIV": div, "HAS_KD": True, "HAS_DENSE": True, "HAS_CE": True, "HAS_BIAS": True,
+                    "HAS_CAP": True, "IEEE": ieee, **lin}, opts_lin)
         head_args = {"h_ptr": PTR[dt], "stride_hn": "i32", "w_ptr": PTR[dt], "stride_wv": "i32",
                      "b_ptr": PTR[dt], "H": "i32", "cap": "fp32"}
         for kp in ((16, 64, 256) if full else (64,)):

@@ -9,10 +9,14 @@ Per row (docs/semantics.md), b = z_s / T, a = z_t / T, q = softmax(b), p = softm
                        writes 3 floats per (row, split).
   _dense_terms_kernel  partial sum_j f(p_j, q_j) and S = sum_j qh_j given the LSEs.
                        Reads both models' rows; writes 2 floats per (row, split).
+                       AKL (DIV 6): the partial sum_j p (lp - lq), sum_j q (lq - lp) and
+                       sum_j |p - q| instead (3 floats per (row, split)), from the same tiles.
   _dense_grad_kernel   g_j = grad_row * [kd_scale/T (qh_j - q_j S) + ce_w (softmax(z_s)_j - [j = y])]
                        * dz/dx_j for the columns [c_start, c_end); writes a (rows, c_end - c_start)
                        block of g in the output's dtype (the logits gradient itself for kd_loss, a
                        bounded vocabulary chunk for the LM-head losses).
+                       AKL (DIV 6): qh_j = -w_h p_j + w_t q_j (lq_j - lp_j) with the row's
+                       weights [w_h, w_t] read from akl_ptr (N, 2), S given in stats.
 
 Splits of the vocabulary run as separate programs (grid axis 1) and are combined on the host by a
 logsumexp / sum over the O(N * splits) partials, so results do not depend on scheduling.
@@ -21,7 +25,7 @@ Rows with grad_row == 0 get exactly 0 (NaN inputs included).
 import triton
 import triton.language as tl
 
-from .tl_utils import NEG_INF, element_terms, head_tile, lse_finish, lse_update
+from .tl_utils import NEG_INF, akl_qh, akl_terms, element_terms, head_tile, lse_finish, lse_update
 
 
 @triton.jit
@@ -89,11 +93,13 @@ def _lse_kernel(x_ptr, stride_xn, stride_xv, w_ptr, stride_wv, b_ptr, H, cap, la
 @triton.jit
 def _dense_terms_kernel(xs_ptr, s_sxn, s_sxv, ws_ptr, s_swv, bs_ptr, Hs, s_cap,
                         xt_ptr, t_sxn, t_sxv, wt_ptr, t_swv, bt_ptr, Ht, t_cap,
-                        lse_b_ptr, lse_a_ptr, f_ptr, qh_ptr, N, V, inv_T, LOG_W, LOG_1MW,
+                        lse_b_ptr, lse_a_ptr, f_ptr, qh_ptr, tv_ptr, N, V, inv_T, LOG_W, LOG_1MW,
                         cols_per_split, n_splits, DIV: tl.constexpr, LINEAR: tl.constexpr,
                         S_BIAS: tl.constexpr, S_CAP: tl.constexpr, T_BIAS: tl.constexpr,
                         T_CAP: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Partial sums over one vocabulary split into f (sum f), qh (S); for AKL (DIV 6) into
+    f (forward KL), qh (reverse KL) and tv (sum |p - q|). tv_ptr is unused otherwise."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -104,6 +110,7 @@ def _dense_terms_kernel(xs_ptr, s_sxn, s_sxv, ws_ptr, s_swv, bs_ptr, Hs, s_cap,
     lse_a = tl.load(lse_a_ptr + rows, mask=rmask, other=0.0)
     sf = tl.zeros((BLOCK_N,), tl.float32)
     sqh = tl.zeros((BLOCK_N,), tl.float32)
+    stv = tl.zeros((BLOCK_N,), tl.float32)
     for c0 in range(v0, v1, BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V)
         valid = rmask[:, None] & (cols < v1)[None, :]
@@ -113,24 +120,31 @@ def _dense_terms_kernel(xs_ptr, s_sxn, s_sxv, ws_ptr, s_swv, bs_ptr, Hs, s_cap,
                        LINEAR, T_BIAS, T_CAP, IEEE, BLOCK_N, BLOCK_V, BLOCK_H)
         lq = zs * inv_T - lse_b[:, None]
         lp = zt * inv_T - lse_a[:, None]
-        f, qh = element_terms(lp, lq, DIV, LOG_W, LOG_1MW)
+        if DIV == 6:   # akl: f <- forward KL, qh <- reverse KL, and the total variation
+            f, qh, tv = akl_terms(lp, lq)
+            stv += tl.sum(tl.where(valid, tv, 0.0), 1)
+        else:
+            f, qh = element_terms(lp, lq, DIV, LOG_W, LOG_1MW)
         sf += tl.sum(tl.where(valid, f, 0.0), 1)
         sqh += tl.sum(tl.where(valid, qh, 0.0), 1)
     out = rows * n_splits + pid_s
     tl.store(f_ptr + out, sf, mask=rmask)
     tl.store(qh_ptr + out, sqh, mask=rmask)
+    if DIV == 6:
+        tl.store(tv_ptr + out, stv, mask=rmask)
 
 
 @triton.jit
 def _dense_grad_kernel(xs_ptr, s_sxn, s_sxv, ws_ptr, s_swv, bs_ptr, Hs, s_cap,
                        xt_ptr, t_sxn, t_sxv, wt_ptr, t_swv, bt_ptr, Ht, t_cap,
-                       labels_ptr, stats_ptr, grad_rows_ptr, out_ptr, stride_on, stride_ov,
+                       labels_ptr, stats_ptr, akl_ptr, grad_rows_ptr, out_ptr, stride_on, stride_ov,
                        N, V, c_start, c_end, inv_T, kd_coef, ce_w, LOG_W, LOG_1MW,
                        DIV: tl.constexpr, HAS_KD: tl.constexpr, HAS_CE: tl.constexpr,
                        LINEAR: tl.constexpr, S_BIAS: tl.constexpr, S_CAP: tl.constexpr,
                        T_BIAS: tl.constexpr, T_CAP: tl.constexpr, IEEE: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """stats rows: [LSE(b), LSE(z_s), LSE(a), S]; kd_coef = kd_scale / T."""
+    """stats rows: [LSE(b), LSE(z_s), LSE(a), S]; kd_coef = kd_scale / T; akl_ptr (N, 2) =
+    [w_h, w_t] per row, read for DIV 6 only."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -148,7 +162,12 @@ def _dense_grad_kernel(xs_ptr, s_sxn, s_sxv, ws_ptr, s_swv, bs_ptr, Hs, s_cap,
         S = tl.load(stats_ptr + rows * 4 + 3, mask=rmask, other=0.0)
         lq = zs * inv_T - lse_b[:, None]
         lp = zt * inv_T - lse_a[:, None]
-        _, qh = element_terms(lp, lq, DIV, LOG_W, LOG_1MW)
+        if DIV == 6:
+            w_h = tl.load(akl_ptr + rows * 2 + 0, mask=rmask, other=0.0)
+            w_t = tl.load(akl_ptr + rows * 2 + 1, mask=rmask, other=0.0)
+            qh = akl_qh(lp, lq, w_h[:, None], w_t[:, None])
+        else:
+            _, qh = element_terms(lp, lq, DIV, LOG_W, LOG_1MW)
         g = (qh - tl.exp(lq) * S[:, None]) * kd_coef
     if HAS_CE:
         lab = tl.load(labels_ptr + rows, mask=rmask, other=-1)

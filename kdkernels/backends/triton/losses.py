@@ -160,7 +160,48 @@ def _dense_forward_kl(s: Head, t: Head, n: int, v: int, labels: torch.Tensor, op
     return loss, torch.stack([lse_b, lse_1, lse_a, S], 1)
 
 
+AKL = DIVERGENCES.index("akl")
+
+
+def _dense_forward_akl(s: Head, t: Head, n: int, v: int, labels: torch.Tensor, opts: KDOptions):
+    """AKL (docs/backends.md): the LSE passes, then one terms pass streaming KL(p||q), KL(q||p) and
+    sum |p - q|. loss = the CE part; stats = [LSE(b), LSE(z_s), LSE(a), S_fkl = -1] (private, the
+    layout of every dense divergence) + [lse_p, lse_q, fkl, rkl, tv] (public)."""
+    dev = s.x.device
+    T = opts.temperature
+    lse_b, lse_1, ce, _, _ = _student_lses(s, n, v, labels, opts)
+    lse_a = head_lse(t, n, v, T, None, two=False)[0]
+    tiles = _tiles(s)
+    per, splits = vocab_splits(dev, n, v, tiles)
+    part = torch.empty(3, n, splits, dtype=torch.float32, device=dev)
+    grid = (triton.cdiv(n, tiles.block_n), splits)
+    _dense_terms_kernel[grid](*s.args(), *t.args(), lse_b, lse_a, part[0], part[1], part[2], n, v,
+                              1.0 / T, 0.0, 0.0, per, splits, DIV=AKL, LINEAR=s.linear,
+                              S_BIAS=s.has_bias, S_CAP=s.has_cap, T_BIAS=t.has_bias,
+                              T_CAP=t.has_cap, IEEE=_ieee(s), **tiles.launch())
+    fkl, rkl, tv = part.sum(2)
+    loss = opts.ce_weight * ce if ce is not None else torch.zeros_like(lse_b)
+    S = torch.full_like(lse_b, -1.0)      # forward KL: S = -sum_j p_j = -1
+    return loss, torch.stack([lse_b, lse_1, lse_a, S, lse_a, lse_b, fkl, rkl, tv], 1)
+
+
+def _akl_weights(akl_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(w (N, 2) fp32 contiguous, w_h, w_t)."""
+    w = akl_weights.to(torch.float32).contiguous()
+    return w, w[:, 0], w[:, 1]
+
+
+def _dense_akl_stats(stats: torch.Tensor, akl_weights: torch.Tensor):
+    """The grad kernel's (N, 4) stats with S = w_h S_fkl + w_t S_rkl (S_rkl = KL(q||p)) and the
+    weights. O(N), no host sync."""
+    w, w_h, w_t = _akl_weights(akl_weights)
+    S = w_h * stats[:, 3] + w_t * stats[:, 7]
+    return torch.stack([stats[:, 0], stats[:, 1], stats[:, 2], S], 1), w
+
+
 def _dense_forward(s: Head, t: Head, n: int, v: int, labels: torch.Tensor, opts: KDOptions):
+    if opts.divergence == "akl":
+        return _dense_forward_akl(s, t, n, v, labels, opts)
     if opts.divergence == "forward_kl" and opts.kd_weight:
         return _dense_forward_kl(s, t, n, v, labels, opts)
     T = opts.temperature
@@ -175,7 +216,7 @@ def _dense_forward(s: Head, t: Head, n: int, v: int, labels: torch.Tensor, opts:
         part = torch.empty(2, n, splits, dtype=torch.float32, device=dev)
         lw, l1mw = _mix_logs(opts)
         grid = (triton.cdiv(n, tiles.block_n), splits)
-        _dense_terms_kernel[grid](*s.args(), *t.args(), lse_b, lse_a, part[0], part[1], n, v, 1.0 / T,
+        _dense_terms_kernel[grid](*s.args(), *t.args(), lse_b, lse_a, part[0], part[1], part[1], n, v, 1.0 / T,
                                   lw, l1mw, per, splits, DIV=_div_code(opts), LINEAR=s.linear,
                                   S_BIAS=s.has_bias, S_CAP=s.has_cap, T_BIAS=t.has_bias,
                                   T_CAP=t.has_cap, IEEE=_ieee(s), **tiles.launch())
@@ -187,11 +228,13 @@ def _dense_forward(s: Head, t: Head, n: int, v: int, labels: torch.Tensor, opts:
 
 
 def _dense_grad_launch(s: Head, t: Head, n: int, v: int, labels, stats, grad_rows, opts: KDOptions,
-                       out: torch.Tensor, c_start: int, c_end: int) -> None:
+                       out: torch.Tensor, c_start: int, c_end: int, akl=None) -> None:
+    """stats (N, 4) = [LSE(b), LSE(z_s), LSE(a), S]; akl: (N, 2) weights for divergence 'akl'."""
     tiles = _tiles(s)
     lw, l1mw = _mix_logs(opts)
     grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(c_end - c_start, tiles.block_v))
-    _dense_grad_kernel[grid](*s.args(), *t.args(), labels, stats, grad_rows, out, out.stride(0),
+    _dense_grad_kernel[grid](*s.args(), *t.args(), labels, stats, akl if akl is not None else stats,
+                             grad_rows, out, out.stride(0),
                              out.stride(1), n, v, c_start, c_end, 1.0 / opts.temperature,
                              opts.kd_scale / opts.temperature, float(opts.ce_weight), lw, l1mw,
                              DIV=_div_code(opts), HAS_KD=bool(opts.kd_weight),
@@ -205,11 +248,19 @@ def kd_forward(zs, zt, labels, opts: KDOptions):
     return _dense_forward(logits_head(zs), logits_head(zt), n, v, labels, opts)
 
 
-def kd_backward(zs, zt, labels, stats, grad_rows, opts: KDOptions):
+def _dense_grad_inputs(stats, akl_weights, opts: KDOptions):
+    """(stats (N, 4), akl weights or None) for the dense grad kernel."""
+    if opts.divergence == "akl":
+        return _dense_akl_stats(stats, akl_weights)
+    return stats.contiguous(), None
+
+
+def kd_backward(zs, zt, labels, stats, grad_rows, opts: KDOptions, akl_weights=None):
     n, v = zs.shape
     grad = torch.empty((n, v), dtype=zs.dtype, device=zs.device)
-    _dense_grad_launch(logits_head(zs), logits_head(zt), n, v, labels, stats.contiguous(),
-                       grad_rows.contiguous(), opts, grad, 0, v)
+    stats, akl = _dense_grad_inputs(stats, akl_weights, opts)
+    _dense_grad_launch(logits_head(zs), logits_head(zt), n, v, labels, stats,
+                       grad_rows.contiguous(), opts, grad, 0, v, akl)
     return grad
 
 
@@ -255,14 +306,16 @@ def head_backward(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], n
     return dh, dw, db
 
 
-def linear_kd_backward(hs, ws, bs, ht, wt, bt, labels, stats, grad_rows, opts: KDOptions, need):
+def linear_kd_backward(hs, ws, bs, ht, wt, bt, labels, stats, grad_rows, opts: KDOptions, need,
+                       akl_weights=None):
     s = linear_head(hs, ws, bs, opts.student_softcap)
     t = linear_head(ht, wt, bt, opts.teacher_softcap)
     n, v = hs.shape[0], ws.shape[0]
-    stats, grad_rows = stats.contiguous(), grad_rows.contiguous()
+    stats, akl = _dense_grad_inputs(stats, akl_weights, opts)
+    grad_rows = grad_rows.contiguous()
 
     def write_chunk(g, c0, c1):
-        _dense_grad_launch(s, t, n, v, labels, stats, grad_rows, opts, g, c0, c1)
+        _dense_grad_launch(s, t, n, v, labels, stats, grad_rows, opts, g, c0, c1, akl)
 
     return head_backward(s.x, s.w, bs, need, opts, write_chunk, grad_rows)
 
@@ -278,7 +331,8 @@ def _sparse_rows(zk, ids, vals, lse_b, lse_out, stats, v, opts: KDOptions, coef:
     block_n = max(1, min(64, 2048 // kp))
     lw, l1mw = _mix_logs(opts)
     dummy = lse_b
-    out = torch.empty((n, 4), dtype=torch.float32, device=dev) if not coef else dummy
+    width = 8 if opts.divergence == "akl" else 4
+    out = torch.empty((n, width), dtype=torch.float32, device=dev) if not coef else dummy
     c = torch.empty((n, k), dtype=torch.float32, device=dev) if coef else dummy
     dense = torch.empty(n, dtype=torch.float32, device=dev) if coef else dummy
     _sparse_rows_kernel[(triton.cdiv(n, block_n),)](
@@ -295,9 +349,11 @@ def linear_sparse_kd_forward(hs, ws, bs, ids, vals, labels, opts: KDOptions):
     s = linear_head(hs, ws, bs, opts.student_softcap)
     n, v = hs.shape[0], ws.shape[0]
     ids, vals = _row_major(ids), _row_major(vals)
-    lse_b, lse_1, ce, lse_o, zk = _student_lses(s, n, v, labels, opts, ids if opts.kd_weight else None)
+    lse_b, lse_1, ce, lse_o, zk = _student_lses(s, n, v, labels, opts, ids if opts.kd_weight or opts.divergence == "akl" else None)
     loss = torch.zeros_like(lse_b)
     stats = torch.zeros((n, 4), dtype=torch.float32, device=hs.device)
+    if opts.divergence == "akl":
+        return _sparse_forward_akl(zk, ids, vals, lse_b, lse_1, ce, lse_o, v, opts)
     if opts.kd_weight:
         rows = _sparse_rows(zk, ids, vals, lse_b, lse_o, None, v, opts, coef=False)
         loss = opts.kd_scale * rows[:, 1]
@@ -308,10 +364,34 @@ def linear_sparse_kd_forward(hs, ws, bs, ids, vals, labels, opts: KDOptions):
     return loss, stats
 
 
-def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, opts: KDOptions, need):
+def _sparse_forward_akl(zk, ids, vals, lse_b, lse_1, ce, lse_o, v, opts: KDOptions):
+    """AKL, sparse teacher: the k + 1 outcomes of the tail mode in one per-row pass.
+    loss = the CE part; stats = [LSE(b) (over K for renorm_both), LSE(z_s), h_Q of forward KL,
+    h_Q of reverse KL, S_fkl] (private) + [lse_p, lse_q, fkl, rkl, tv] (public); S_rkl = rkl."""
+    r = _sparse_rows(zk, ids, vals, lse_b, lse_o, None, v, opts, coef=False)
+    loss = opts.ce_weight * ce if ce is not None else torch.zeros_like(lse_b)
+    stats = torch.stack([r[:, 0], lse_1, r[:, 5], r[:, 6], r[:, 4],
+                         r[:, 7], r[:, 0], r[:, 1], r[:, 2], r[:, 3]], 1)
+    return loss, stats
+
+
+def _sparse_akl_stats(stats: torch.Tensor, akl_weights: torch.Tensor):
+    """The (N, 4) [LSE, LSE(z_s), h_Q, S] of the other divergences, mixed with the row weights:
+    h_Q = w_h h_Q,fkl + w_t h_Q,rkl, S = w_h S_fkl + w_t rkl; and the weights (N, 2)."""
+    w, w_h, w_t = _akl_weights(akl_weights)
+    hQ = w_h * stats[:, 2] + w_t * stats[:, 3]
+    S = w_h * stats[:, 4] + w_t * stats[:, 8]
+    return torch.stack([stats[:, 0], stats[:, 1], hQ, S], 1), w
+
+
+def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, opts: KDOptions, need,
+                              akl_weights=None):
     s = linear_head(hs, ws, bs, opts.student_softcap)
     n, v = hs.shape[0], ws.shape[0]
     ids, vals = _row_major(ids), _row_major(vals)
+    akl = None
+    if opts.divergence == "akl":
+        stats, akl = _sparse_akl_stats(stats, akl_weights)
     stats, grad_rows = stats.contiguous(), grad_rows.contiguous()
     k = ids.shape[1]
     has_kd = bool(opts.kd_weight)
@@ -326,7 +406,8 @@ def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, o
     def write_chunk(g, c0, c1):
         grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(c1 - c0, tiles.block_v))
         _sparse_grad_kernel[grid](s.x, s.sxn, s.w, s.swv, s.b, s.H, s.cap, ids, ids.stride(0), lpk,
-                                  dense, labels, stats, grad_rows, g, g.stride(0), n, v, k, c0, c1,
+                                  dense, labels, stats, akl if akl is not None else stats, grad_rows,
+                                  g, g.stride(0), n, v, k, c0, c1,
                                   1.0 / opts.temperature, opts.kd_scale / opts.temperature,
                                   float(opts.ce_weight), lw, l1mw, DIV=_div_code(opts), HAS_KD=has_kd,
                                   HAS_DENSE=opts.tail != "renorm_both", HAS_CE=opts.ce_weight != 0,

@@ -11,16 +11,21 @@ K, zK, come from dense_kernels._lse_kernel (HAS_IDS), picked from the same tiles
                        the (renormalized) teacher log-probs at the k slots and the dense
                        coefficient kd_scale/T (h_Q - S) of the tokens outside K (0 for renorm_both).
                        O(k) per row.
+                       AKL (DIV 6), forward only: the same outcomes give forward KL, reverse KL,
+                       sum |p - q|, S_fkl = -sum p, the tail's h_Q of both KLs and lse_p; out is
+                       (N, 8) then. The backward's COEF mode needs no AKL case: the host mixes
+                       h_Q and S with the row weights first.
   _sparse_grad_kernel  g_j = grad_row * dz/dx_j * [kd_scale/T (qh_j - q_j S) at j in K,
                        dense_coef q_j outside K, + ce_w (softmax(z)_j - [j = y])] for columns
                        [c_start, c_end), recomputing the logit tile with tl.dot; K is marked in
                        the tile by a loop over the slots (no scatter, no atomics), so q_j and
                        qh_j at K come from the recomputed tile itself. Writes one (rows, cols) block.
+                       AKL (DIV 6): qh_j = -w_h p_j + w_t q_j (lq_j - lp_j), [w_h, w_t] from akl_ptr.
 """
 import triton
 import triton.language as tl
 
-from .tl_utils import NEG_INF, element_terms, linear_tile, log1mexp, masked_lse
+from .tl_utils import NEG_INF, akl_qh, akl_terms, element_terms, linear_tile, log1mexp, masked_lse
 
 
 @triton.jit
@@ -31,8 +36,10 @@ def _sparse_rows_kernel(zk_ptr, ids_ptr, stride_in, vals_ptr, stride_vn, lse_ptr
                         P_TAIL: tl.constexpr, COEF: tl.constexpr, BLOCK_N: tl.constexpr, KP: tl.constexpr):
     """TAIL: 0 bucket, 1 renorm_teacher, 2 renorm_both; P_TAIL = bucket and not WEIGHTS.
     Forward: lse_ptr = full-vocabulary LSE(b), lse_out_ptr = LSE(b) outside K; writes
-    out (N, 4) = [LSE used for q, D, S, h_Q]. COEF (backward): lse_ptr = the saved LSE, h_Q and S
-    read from stats (N, 4) = [LSE, LSE(z), h_Q, S]; writes coef (N, K) and dense (N,)."""
+    out (N, 4) = [LSE used for q, D, S, h_Q]; for AKL (DIV 6) out (N, 8) = [LSE used for q, KL(p||q),
+    KL(q||p), sum |p - q|, S_fkl, h_Q of forward KL, h_Q of reverse KL, lse_p] (S_rkl = KL(q||p)).
+    COEF (backward): lse_ptr = the saved LSE, h_Q and S read from stats (N, 4) = [LSE, LSE(z), h_Q,
+    S]; writes coef (N, K) and dense (N,)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -44,8 +51,10 @@ def _sparse_rows_kernel(zk_ptr, ids_ptr, stride_in, vals_ptr, stride_vn, lse_ptr
     if WEIGHTS:
         lp = tl.log(lp)
     lp = tl.where(valid, lp, NEG_INF)
+    lse_p = tl.zeros((BLOCK_N,), tl.float32)    # p_j = exp(u_j - lse_p) (AKL's public column)
     if TAIL != 0:   # renormalized teacher
-        lp = lp - tl.maximum(masked_lse(lp, valid, 1), -1e30)[:, None]
+        lse_p = tl.maximum(masked_lse(lp, valid, 1), -1e30)
+        lp = lp - lse_p[:, None]
     if COEF:
         # the backward evaluates qh_j - q_j S at K inside its tiles, from these (renormalized)
         # teacher log-probs; outside K every token carries q_j (h_Q - S): the dense coefficient
@@ -64,15 +73,29 @@ def _sparse_rows_kernel(zk_ptr, ids_ptr, stride_in, vals_ptr, stride_vn, lse_ptr
         else:
             lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
         lq = tl.where(valid, bk - lse[:, None], NEG_INF)
-        fk, qhk = element_terms(lp, lq, DIV, LOG_W, LOG_1MW)
-        fk = tl.where(valid, fk, 0.0)
-        qhk = tl.where(valid, qhk, 0.0)
-        D = tl.sum(fk, 1)
-        S = tl.sum(qhk, 1)
+        # AKL: D <- KL(p||q), R <- KL(q||p), TV <- sum |p - q|, S <- S_fkl = -sum p
+        R = tl.zeros((BLOCK_N,), tl.float32)
+        TV = tl.zeros((BLOCK_N,), tl.float32)
+        hQr = tl.zeros((BLOCK_N,), tl.float32)
+        if DIV == 6:
+            fk, rk, tvk = akl_terms(lp, lq)
+            D = tl.sum(tl.where(valid, fk, 0.0), 1)
+            R = tl.sum(tl.where(valid, rk, 0.0), 1)
+            TV = tl.sum(tl.where(valid, tvk, 0.0), 1)
+            S = tl.sum(tl.where(valid, -tl.exp(lp), 0.0), 1)
+        else:
+            fk, qhk = element_terms(lp, lq, DIV, LOG_W, LOG_1MW)
+            fk = tl.where(valid, fk, 0.0)
+            qhk = tl.where(valid, qhk, 0.0)
+            D = tl.sum(fk, 1)
+            S = tl.sum(qhk, 1)
         hQ = tl.zeros((BLOCK_N,), tl.float32)
         if TAIL != 2:
-            if P_TAIL:  # bucket with log-prob values: the teacher's tail mass P = 1 - sum_K p
-                lP = tl.maximum(log1mexp(masked_lse(lp, valid, 1)), log_floor)
+            if P_TAIL:  # bucket with log-prob values: the teacher's tail mass P = 1 - sum_K p,
+                # in float64 (O(k) per row): when K holds nearly all the mass, P is below fp32's
+                # resolution of 1 and terms like Q log(Q / P) would amplify the rounding noise
+                lP = log1mexp(masked_lse(lp.to(tl.float64), valid, 1))
+                lP = tl.maximum(lP, log_floor).to(tl.float32)
             else:
                 lP = tl.full((BLOCK_N,), NEG_INF, tl.float32)
             full = tl.sum(valid.to(tl.int32), 1) == V   # K covers the vocabulary: no tail outcome
@@ -81,27 +104,49 @@ def _sparse_rows_kernel(zk_ptr, ids_ptr, stride_in, vals_ptr, stride_vn, lse_ptr
             lQ = log1mexp(masked_lse(lq, valid, 1))
             lQ_out = tl.load(lse_out_ptr + rows, mask=rmask, other=0.0) - lse
             lQ = tl.maximum(tl.where(lQ < -0.6931471805599453, lQ_out, lQ), log_floor)
-            fQ, qhQ = element_terms(lP, lQ, DIV, LOG_W, LOG_1MW)
-            fQ = tl.where(full, 0.0, fQ)
-            qhQ = tl.where(full, 0.0, qhQ)
-            D += fQ
-            S += qhQ
-            hQ = qhQ * tl.exp(-lQ)
-        tl.store(out_ptr + rows * 4 + 0, lse, mask=rmask)
-        tl.store(out_ptr + rows * 4 + 1, D, mask=rmask)
-        tl.store(out_ptr + rows * 4 + 2, S, mask=rmask)
-        tl.store(out_ptr + rows * 4 + 3, hQ, mask=rmask)
+            if DIV == 6:   # the tail outcome of both KLs; qh_fkl(P, Q) = -P, qh_rkl = f_rkl
+                fQ, rQ, tvQ = akl_terms(lP, lQ)
+                qhQ = tl.where(full, 0.0, -tl.exp(lP))
+                rQ = tl.where(full, 0.0, rQ)
+                D += tl.where(full, 0.0, fQ)
+                R += rQ
+                TV += tl.where(full, 0.0, tvQ)
+                S += qhQ
+                hQ = qhQ * tl.exp(-lQ)
+                hQr = rQ * tl.exp(-lQ)
+            else:
+                fQ, qhQ = element_terms(lP, lQ, DIV, LOG_W, LOG_1MW)
+                fQ = tl.where(full, 0.0, fQ)
+                qhQ = tl.where(full, 0.0, qhQ)
+                D += fQ
+                S += qhQ
+                hQ = qhQ * tl.exp(-lQ)
+        if DIV == 6:
+            tl.store(out_ptr + rows * 8 + 0, lse, mask=rmask)
+            tl.store(out_ptr + rows * 8 + 1, D, mask=rmask)
+            tl.store(out_ptr + rows * 8 + 2, R, mask=rmask)
+            tl.store(out_ptr + rows * 8 + 3, TV, mask=rmask)
+            tl.store(out_ptr + rows * 8 + 4, S, mask=rmask)
+            tl.store(out_ptr + rows * 8 + 5, hQ, mask=rmask)
+            tl.store(out_ptr + rows * 8 + 6, hQr, mask=rmask)
+            tl.store(out_ptr + rows * 8 + 7, lse_p, mask=rmask)
+        else:
+            tl.store(out_ptr + rows * 4 + 0, lse, mask=rmask)
+            tl.store(out_ptr + rows * 4 + 1, D, mask=rmask)
+            tl.store(out_ptr + rows * 4 + 2, S, mask=rmask)
+            tl.store(out_ptr + rows * 4 + 3, hQ, mask=rmask)
 
 
 @triton.jit
 def _sparse_grad_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, H, cap, ids_ptr, stride_in,
-                        lpk_ptr, dense_ptr, labels_ptr, stats_ptr, grad_rows_ptr, out_ptr,
+                        lpk_ptr, dense_ptr, labels_ptr, stats_ptr, akl_ptr, grad_rows_ptr, out_ptr,
                         stride_on, N, V, K, c_start, c_end, inv_T, kd_coef, ce_w, LOG_W, LOG_1MW,
                         DIV: tl.constexpr,
                         HAS_KD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_CE: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """stats rows: [LSE(b), LSE(z), h_Q, S] (LSE(b) over K for renorm_both)."""
+    """stats rows: [LSE(b), LSE(z), h_Q, S] (LSE(b) over K for renorm_both); akl_ptr (N, 2) =
+    [w_h, w_t], read for DIV 6 only."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -124,7 +169,12 @@ def _sparse_grad_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, H, cap, ids_p
         S = tl.load(stats_ptr + rows * 4 + 3, mask=rmask, other=0.0)
         lq = z * inv_T - lse[:, None]
         q = tl.exp(lq)
-        _, qh = element_terms(lp, lq, DIV, LOG_W, LOG_1MW)
+        if DIV == 6:
+            w_h = tl.load(akl_ptr + rows * 2 + 0, mask=rmask, other=0.0)
+            w_t = tl.load(akl_ptr + rows * 2 + 1, mask=rmask, other=0.0)
+            qh = akl_qh(lp, lq, w_h[:, None], w_t[:, None])
+        else:
+            _, qh = element_terms(lp, lq, DIV, LOG_W, LOG_1MW)
         gk = (qh - q * S[:, None]) * kd_coef
         if HAS_DENSE:
             dense = tl.load(dense_ptr + rows, mask=rmask, other=0.0)

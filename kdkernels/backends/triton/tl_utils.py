@@ -8,7 +8,10 @@
     log1mexp, logaddexp, expm1/log1p (Kahan's tricks: the core language has neither)
 
 Divergence codes (constexpr DIV) follow kdkernels.options.DIVERGENCES:
-    0 forward_kl, 1 reverse_kl, 2 jsd, 3 skew_forward_kl, 4 skew_reverse_kl, 5 tvd
+    0 forward_kl, 1 reverse_kl, 2 jsd, 3 skew_forward_kl, 4 skew_reverse_kl, 5 tvd, 6 akl
+AKL (6) is not an element divergence of its own: its forward streams the forward KL, reverse KL and
+sum |p - q| elements (akl_terms), its backward mixes two qh with per-row weights (akl_qh); the
+kernels branch on DIV == 6 before element_terms, which never sees it.
 Mixing weights travel as LOG_W = log w and LOG_1MW = log(1 - w) with w = beta (jsd) or alpha (skew).
 """
 import triton
@@ -170,6 +173,23 @@ def element_terms(lp, lq, DIV: tl.constexpr, LOG_W, LOG_1MW):
         f = 0.5 * tl.abs(p - q)
         qh = 0.5 * q * sign(q - p)
     return f, qh
+
+
+@triton.jit
+def akl_terms(lp, lq):
+    """AKL's forward elements: (p (lp - lq), q (lq - lp), |p - q|), 0 log 0 = 0."""
+    p = tl.exp(lp)
+    q = tl.exp(lq)
+    fkl = tl.where(p != 0, p * (lp - lq), 0.0)
+    rkl = tl.where(q != 0, q * (lq - lp), 0.0)
+    return fkl, rkl, tl.abs(p - q)
+
+
+@triton.jit
+def akl_qh(lp, lq, w_h, w_t):
+    """AKL's qh = w_h qh_fkl + w_t qh_rkl = -w_h p + w_t q (lq - lp); w_h, w_t per row (rows, 1)."""
+    q = tl.exp(lq)
+    return w_t * tl.where(q != 0, q * (lq - lp), 0.0) - w_h * tl.exp(lp)
 
 
 @triton.jit
