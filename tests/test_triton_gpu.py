@@ -41,6 +41,29 @@ def test_bf16_against_float64(kd, form, divergence):
     kd.check(case, opts, kd.upstream("mean", (case.n,)).cuda())
 
 
+@pytest.mark.parametrize("form", ["logits", "linear", "sparse:logprobs:bucket", "sparse:logprobs:renorm_both",
+                                  "sparse:weights:renorm_both"])
+def test_akl_bf16_against_float64_and_torch(kd, form):
+    """divergence='akl' in bf16 (the interpreter's bf16 tl.dot is wrong, so only here): vs float64
+    (2x naive) and vs backend='torch' (2x its error against float64)."""
+    _cuda_triton()
+    import reference as R      # not _triton_util: importing it turns on the interpreter
+    case = _to(kd.make_case(form, n=1029, v=32007, h_s=512, h_t=768, k=64, dtype=torch.bfloat16,
+                            temperature=2.0, bias=form != "logits",
+                            student_softcap=30.0 if form != "logits" else None), "cuda")
+    labels = kd.make_labels(case.n, case.v, "some").cuda()
+    opts = dict(divergence="akl", temperature=2.0, labels=labels, ce_weight=0.2)
+    go = kd.upstream("mean", (case.n,)).cuda()
+    got = kd.check(case, dict(opts, backend="triton"), go)
+    ref = kd.run(case, "kd", dict(opts, backend="torch"), go)
+    truth = kd.run(case, "truth", opts, go)
+    scale = kd.logit_scale(case, 2.0)
+    R.assert_like_naive("loss vs torch backend", got[0], truth[0], ref[0], logit_scale=scale)
+    for name in case.grads:
+        R.assert_like_naive(f"d {name} vs torch backend", got[1][name], truth[1][name], ref[1][name],
+                            logit_scale=scale)
+
+
 def test_fp32_and_fp16_large(kd):
     _cuda_triton()
     for dtype in (torch.float32, torch.float16):
