@@ -96,6 +96,12 @@ def _cache_of(out) -> Optional[object]:
     return None
 
 
+def _last(out) -> torch.Tensor:
+    # (B, H) final hidden state of the last position, contiguous for the sampling kernels
+    h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return h[:, -1].contiguous()
+
+
 @torch.no_grad()
 def rollout(student: LMParts, prompts: torch.Tensor, max_new_tokens: int, *,
             temperature: float = 1.0, generator: Optional[torch.Generator] = None,
@@ -121,7 +127,7 @@ def rollout(student: LMParts, prompts: torch.Tensor, max_new_tokens: int, *,
     try:
         out = body(input_ids=prompts, use_cache=kw is not None)
         cache = _cache_of(out) if kw is not None else None
-        h = out.last_hidden_state[:, -1] if hasattr(out, "last_hidden_state") else out[0][:, -1]
+        h = _last(out)
         tokens, live = [], []
         done = torch.zeros(b, dtype=torch.bool, device=dev)
         for g in range(max_new_tokens):
@@ -141,7 +147,7 @@ def rollout(student: LMParts, prompts: torch.Tensor, max_new_tokens: int, *,
                 cache = _cache_of(out)
             else:                      # no KV cache support: re-read the whole sequence
                 out = body(input_ids=torch.cat([prompts, torch.stack(tokens, 1)], 1), use_cache=False)
-            h = out.last_hidden_state[:, -1] if hasattr(out, "last_hidden_state") else out[0][:, -1]
+            h = _last(out)
     finally:
         body.train(was_training)
     gen, live = torch.stack(tokens, 1), torch.stack(live, 1)
