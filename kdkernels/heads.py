@@ -97,4 +97,4 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, draws: int, *,
     mod = resolve(backend, device.type, "linear_sample")
     raw, lse = mod.linear_sample(h, weight, bias, u, opts)
     ids, w = count_unique_sorted(raw, draws)
-    return Sample(ids.reshape(*lead, -1), w.reshape(*lead, -1), lse.reshape(lead))
+    return Sample(ids.reshape(*lead, ids.shape[1]), w.reshape(*lead, w.shape[1]), lse.reshape(lead))

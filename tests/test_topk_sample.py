@@ -161,6 +161,8 @@ def test_sample_determinism_zero_probability_and_shapes(backend):
                                   generator=torch.Generator().manual_seed(0))
     assert one.ids.shape == (2, 3, 1) and (one.weights == 1).all()
     _check_sample_layout(one, 1)
+    empty = kdkernels.linear_sample(hid[:0].reshape(2, 0, 8), w, 4, backend=backend)
+    assert empty.ids.shape == empty.weights.shape == (2, 0, 0) and empty.logsumexp.shape == (2, 0)
 
 
 # Raw draws (the backend contract, docs/backends.md) against the float64 inverse CDF.
@@ -224,6 +226,21 @@ def test_sample_draws_float64_inputs_exact(backend):
     z64 = R.head_logits(hid, w, b) / 0.8
     assert check_draws(draws, z64, u, 1e-12, 0.001) <= 1
     assert (lse.double() - torch.logsumexp(z64, 1)).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("backend", SAMPLERS)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_sample_half_inputs(backend, dtype):
+    """16-bit inputs: the GEMM and bias add run in the inputs' dtype (as naive PyTorch does); against
+    the float64 CDF of exactly those logits, only the sampler's own fp32 rounding remains."""
+    sample = _sampler(backend)
+    n, v = 13, 4099
+    hid, w, b = _head(n, v, 32, seed=21, scale=4.0, dtype=dtype)
+    u = _uniforms(n, 256, seed=22)
+    draws, lse = sample(hid, w, b, u, _head_opts(1.0, None, 5 * v * 4 * 6))
+    z = R.head_logits(hid, w, b, compute=torch.float32).double()
+    check_draws(draws, z, u, 2.0 ** -20, 0.005)
+    assert (lse.double() - torch.logsumexp(z, 1)).abs().max() <= 1e-6 * float(z.abs().max() + 1)
 
 
 @pytest.mark.parametrize("backend", SAMPLERS)
