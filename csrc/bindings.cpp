@@ -11,17 +11,17 @@
 TORCH_LIBRARY(kdkernels_native, m) {
   m.def("kd_forward(Tensor zs, Tensor zt, Tensor labels, float[] fopts, int[] iopts) -> (Tensor, Tensor)");
   m.def("kd_backward(Tensor zs, Tensor zt, Tensor labels, Tensor stats, Tensor grad_rows, float[] fopts, "
-        "int[] iopts) -> Tensor");
+        "int[] iopts, Tensor? akl_weights=None) -> Tensor");
   m.def("linear_kd_forward(Tensor hs, Tensor ws, Tensor? bs, Tensor ht, Tensor wt, Tensor? bt, "
         "Tensor labels, float[] fopts, int[] iopts) -> (Tensor, Tensor)");
   m.def("linear_kd_backward(Tensor hs, Tensor ws, Tensor? bs, Tensor ht, Tensor wt, Tensor? bt, "
-        "Tensor labels, Tensor stats, Tensor grad_rows, float[] fopts, int[] iopts, bool[3] need) "
-        "-> (Tensor, Tensor, Tensor)");
+        "Tensor labels, Tensor stats, Tensor grad_rows, float[] fopts, int[] iopts, bool[3] need, "
+        "Tensor? akl_weights=None) -> (Tensor, Tensor, Tensor)");
   m.def("linear_sparse_kd_forward(Tensor hs, Tensor ws, Tensor? bs, Tensor ids, Tensor vals, "
         "Tensor labels, float[] fopts, int[] iopts) -> (Tensor, Tensor)");
   m.def("linear_sparse_kd_backward(Tensor hs, Tensor ws, Tensor? bs, Tensor ids, Tensor vals, "
-        "Tensor labels, Tensor stats, Tensor grad_rows, float[] fopts, int[] iopts, bool[3] need) "
-        "-> (Tensor, Tensor, Tensor)");
+        "Tensor labels, Tensor stats, Tensor grad_rows, float[] fopts, int[] iopts, bool[3] need, "
+        "Tensor? akl_weights=None) -> (Tensor, Tensor, Tensor)");
   m.def("linear_topk(Tensor h, Tensor w, Tensor? b, int k, float[] fopts, int[] iopts) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("linear_sample(Tensor h, Tensor w, Tensor? b, Tensor u, float[] fopts, int[] iopts) -> (Tensor, Tensor)");

@@ -22,6 +22,7 @@ void with_divergence(int64_t d, Fn&& fn) {
     case kSkewForwardKL: fn(std::integral_constant<int, kSkewForwardKL>{}); break;
     case kSkewReverseKL: fn(std::integral_constant<int, kSkewReverseKL>{}); break;
     case kTVD: fn(std::integral_constant<int, kTVD>{}); break;
+    case kAKL: fn(std::integral_constant<int, kAKL>{}); break;
     default: TORCH_CHECK(false, "kdkernels native: unknown divergence code ", d);
   }
 }

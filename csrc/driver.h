@@ -9,6 +9,14 @@
 // recomputes the logits, unless one chunk covers the vocabulary (then it is reused).
 // Memory: the chunk buffers, O(N) (O(N k) sparse / top-k) row state, an fp32 dh accumulator when
 // there are several chunks and the inputs are not fp32. Saved for backward: the stats only.
+//
+// Divergence akl (docs/backends.md): the forward returns loss = the CE part only and stats whose
+// last five columns are public, [lse_p, lse_q, fkl, rkl, tv]:
+//   dense  (N, 7): [LSE(z), S_fkl, LSE(a), LSE(b), fkl, rkl, tv]
+//   sparse (N, 9): [LSE(z), hQ_fkl, hQ_rkl, S_fkl, lnorm, lse, fkl, rkl, tv]
+// (S_rkl = rkl exactly: reverse KL's f and qh are the same terms). The backward takes the weights
+// (N, 2) [w_h, w_t] and forms the gradient epilogues' state with S = w_h S_fkl + w_t rkl and
+// hQ = w_h hQ_fkl + w_t hQ_rkl (tensor ops on the device: no host sync).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -108,6 +116,53 @@ inline Tensor lse_col(const Tensor& st, int64_t which) {  // 0: b, 1: z (CE), 2:
   return st.select(1, which) + st.select(1, 4 + which).log();
 }
 
+inline bool is_akl(const Params& p) { return p.divergence == kAKL; }
+
+// AKL weights (N, 2) as the accumulation dtype, checked.
+inline Tensor akl_weights_of(const char* op, const c10::optional<Tensor>& w, int64_t n, const Tensor& ref,
+                             at::ScalarType acc) {
+  TORCH_CHECK(w.has_value() && w->defined(), op, ": divergence akl needs akl_weights (N, 2) [w_h, w_t]");
+  TORCH_CHECK(w->dim() == 2 && w->size(0) == n && w->size(1) == 2, op, ": akl_weights must be (", n,
+              ", 2), got ", w->sizes());
+  TORCH_CHECK(at::isFloatingType(w->scalar_type()), op, ": akl_weights must be floating, got ",
+              w->scalar_type());
+  TORCH_CHECK(w->device() == ref.device(), op, ": akl_weights is on ", w->device(), " but the inputs are on ",
+              ref.device());
+  return w->to(acc);
+}
+
+inline void check_stats_width(const char* op, const Tensor& stats, int64_t width) {
+  TORCH_CHECK(stats.dim() == 2 && stats.size(1) == width, op, ": stats must be (N, ", width, "), got ",
+              stats.sizes());
+}
+
+// Dense AKL: public stats from the lse stats (N, 4) and the terms acc (N, 4) [fkl, rkl, tv, S_fkl].
+inline Tensor akl_dense_stats(const Tensor& st4, const Tensor& acc) {
+  return at::stack({st4.select(1, 1), acc.select(1, 3), st4.select(1, 2), st4.select(1, 0), acc.select(1, 0),
+                    acc.select(1, 1), acc.select(1, 2)}, 1);
+}
+
+// Dense AKL: the gradient epilogue's state (N, 6) [LSE(b), LSE(z), LSE(a), S, w_h, w_t].
+inline Tensor akl_dense_grad_state(const Tensor& st, const Tensor& w) {
+  const Tensor wh = w.select(1, 0), wt = w.select(1, 1);
+  return at::stack({st.select(1, 3), st.select(1, 0), st.select(1, 2),
+                    wh * st.select(1, 1) + wt * st.select(1, 5), wh, wt}, 1);
+}
+
+// Sparse AKL: public stats from the finalize output (N, 8) [fkl, rkl, tv, S_fkl, hQ_fkl, hQ_rkl, lse,
+// lnorm] and LSE(z).
+inline Tensor akl_sparse_stats(const Tensor& r, const Tensor& lse_1) {
+  return at::stack({lse_1, r.select(1, 4), r.select(1, 5), r.select(1, 3), r.select(1, 7), r.select(1, 6),
+                    r.select(1, 0), r.select(1, 1), r.select(1, 2)}, 1);
+}
+
+// Sparse AKL: the gradient epilogue's state (N, 7) [lse, LSE(z), hQ, S, lnorm, w_h, w_t].
+inline Tensor akl_sparse_grad_state(const Tensor& st, const Tensor& w) {
+  const Tensor wh = w.select(1, 0), wt = w.select(1, 1);
+  return at::stack({st.select(1, 5), st.select(1, 0), wh * st.select(1, 1) + wt * st.select(1, 2),
+                    wh * st.select(1, 3) + wt * st.select(1, 7), st.select(1, 4), wh, wt}, 1);
+}
+
 // CE term per row: ce_weight * (LSE(z) - z[label]), 0 where label < 0.
 inline Tensor ce_rows(const Tensor& st, const Tensor& lse1, const Tensor& labels, const Params& p) {
   return at::where(labels >= 0, (lse1 - st.select(1, 3)) * p.ce_weight, at::zeros_like(lse1));
@@ -161,7 +216,8 @@ Tensors2 kd_forward(const Tensor& zs_in, const Tensor& zt_in, const Tensor& labe
   Tensor zs = unit_cols(zs_in), zt = unit_cols(zt_in);
   match_dtypes(zs, zt);
   const auto o = zs.options().dtype(acc_dtype(zs));
-  const bool kd = p.kd_scale != 0.0, ce = p.ce_weight != 0.0;
+  const bool akl = is_akl(p);
+  const bool kd = p.kd_scale != 0.0 || akl, ce = p.ce_weight != 0.0;  // akl: stats even at kd_weight 0
   Tensor st = lse_state(n, o);
   const Tensor lab = labels.contiguous();
   Epi::lse_update(zs, kd ? zt : Tensor(), 0, lab, st, p);
@@ -170,10 +226,14 @@ Tensors2 kd_forward(const Tensor& zs_in, const Tensor& zt_in, const Tensor& labe
   Tensor stats = at::stack({lse_b, lse_1, lse_a, at::zeros({n}, o)}, 1);
   Tensor loss = at::zeros({n}, o);
   if (kd) {
-    Tensor acc = at::zeros({n, 2}, o);
+    Tensor acc = at::zeros({n, akl ? 4 : 2}, o);
     Epi::dense_terms(zs, zt, stats, acc, p);
-    stats.select(1, 3).copy_(acc.select(1, 1));
-    loss = acc.select(1, 0) * p.kd_scale;
+    if (akl) {
+      stats = akl_dense_stats(stats, acc);
+    } else {
+      stats.select(1, 3).copy_(acc.select(1, 1));
+      loss = acc.select(1, 0) * p.kd_scale;
+    }
   }
   if (ce) loss = loss + ce_rows(st, lse_1, lab, p);
   return {loss, stats};
@@ -181,7 +241,7 @@ Tensors2 kd_forward(const Tensor& zs_in, const Tensor& zt_in, const Tensor& labe
 
 template <class Epi>
 Tensor kd_backward(const Tensor& zs_in, const Tensor& zt_in, const Tensor& labels, const Tensor& stats,
-                   const Tensor& grad_rows, const Params& p) {
+                   const Tensor& grad_rows, const Params& p, const c10::optional<Tensor>& akl_weights) {
   const char* op = "kdkernels_native::kd_backward";
   check_matrix(op, "student_logits", zs_in);
   check_matrix(op, "teacher_logits", zt_in);
@@ -193,9 +253,13 @@ Tensor kd_backward(const Tensor& zs_in, const Tensor& zt_in, const Tensor& label
   const auto out_dtype = zs.scalar_type();
   match_dtypes(zs, zt);
   const auto acc = acc_dtype(zs);
+  Tensor st = stats.to(acc);
+  if (is_akl(p)) {
+    check_stats_width(op, stats, 7);
+    st = akl_dense_grad_state(st, akl_weights_of(op, akl_weights, n, zs_in, acc));
+  }
   Tensor g = at::empty(zs.sizes(), zs.options());
-  Epi::dense_grad(zs, zt, 0, labels.contiguous(), stats.to(acc).contiguous(),
-                  grad_rows.to(acc).contiguous(), g, p);
+  Epi::dense_grad(zs, zt, 0, labels.contiguous(), st.contiguous(), grad_rows.to(acc).contiguous(), g, p);
   return g.scalar_type() == out_dtype ? g : g.to(out_dtype);
 }
 
@@ -213,7 +277,8 @@ Tensors2 linear_kd_forward(const Tensor& hs, const Tensor& ws, const c10::option
   TORCH_CHECK(wt.size(0) == v, op, ": teacher_weight has ", wt.size(0), " rows, student_weight ", v);
   check_rows(op, "teacher_hidden", ht, n, hs);
   check_labels(op, labels, n, hs);
-  const bool kd = p.kd_scale != 0.0, ce = p.ce_weight != 0.0;
+  const bool akl = is_akl(p);
+  const bool kd = p.kd_scale != 0.0 || akl, ce = p.ce_weight != 0.0;  // akl: stats even at kd_weight 0
   const auto o = hs.options().dtype(acc_dtype(hs));
   const Tensor lab = labels.contiguous();
   const int64_t cols = chunk_cols(n, v, hs.element_size() + (kd ? ht.element_size() : 0), p.chunk_bytes);
@@ -232,7 +297,7 @@ Tensors2 linear_kd_forward(const Tensor& hs, const Tensor& ws, const c10::option
   Tensor stats = at::stack({lse_col(st, 0), lse_1, lse_col(st, 2), at::zeros({n}, o)}, 1);
   Tensor loss = at::zeros({n}, o);
   if (kd) {
-    Tensor acc = at::zeros({n, 2}, o);
+    Tensor acc = at::zeros({n, akl ? 4 : 2}, o);
     for (int64_t v0 = 0; v0 < v; v0 += cols) {
       const int64_t w = std::min(cols, v - v0);
       Tensor zs = single ? zs1 : head_logits(hs, ws, bs, v0, w);
@@ -240,8 +305,12 @@ Tensors2 linear_kd_forward(const Tensor& hs, const Tensor& ws, const c10::option
       match_dtypes(zs, zt);
       Epi::dense_terms(zs, zt, stats, acc, p);
     }
-    stats.select(1, 3).copy_(acc.select(1, 1));
-    loss = acc.select(1, 0) * p.kd_scale;
+    if (akl) {
+      stats = akl_dense_stats(stats, acc);
+    } else {
+      stats.select(1, 3).copy_(acc.select(1, 1));
+      loss = acc.select(1, 0) * p.kd_scale;
+    }
   }
   if (ce) loss = loss + ce_rows(st, lse_1, lab, p);
   return {loss, stats};
@@ -251,7 +320,8 @@ template <class Epi>
 Tensors3 linear_kd_backward(const Tensor& hs, const Tensor& ws, const c10::optional<Tensor>& bs,
                             const Tensor& ht, const Tensor& wt, const c10::optional<Tensor>& bt,
                             const Tensor& labels, const Tensor& stats, const Tensor& grad_rows,
-                            const Params& p, bool need_dh, bool need_dw, bool need_db) {
+                            const Params& p, bool need_dh, bool need_dw, bool need_db,
+                            const c10::optional<Tensor>& akl_weights) {
   const char* op = "kdkernels_native::linear_kd_backward";
   check_head(op, "student_hidden", hs, "student_weight", ws, "student_bias", bs);
   check_head(op, "teacher_hidden", ht, "teacher_weight", wt, "teacher_bias", bt);
@@ -261,7 +331,13 @@ Tensors3 linear_kd_backward(const Tensor& hs, const Tensor& ws, const c10::optio
   check_rows(op, "grad_rows", grad_rows, n, hs);
   const bool kd = p.kd_scale != 0.0;
   const auto acc = acc_dtype(hs);
-  const Tensor lab = labels.contiguous(), st = stats.to(acc).contiguous();
+  Tensor st = stats.to(acc);
+  if (is_akl(p)) {
+    check_stats_width(op, stats, 7);
+    st = akl_dense_grad_state(st, akl_weights_of(op, akl_weights, n, hs, acc));
+  }
+  st = st.contiguous();
+  const Tensor lab = labels.contiguous();
   const Tensor gr = grad_rows.to(acc).contiguous();
   const int64_t cols =
       chunk_cols(n, v, 2 * hs.element_size() + (kd ? ht.element_size() : 0), p.chunk_bytes);
@@ -307,7 +383,8 @@ Tensors2 linear_sparse_kd_forward(const Tensor& hs, const Tensor& ws, const c10:
   const int64_t n = hs.size(0), v = ws.size(0);
   check_sparse(op, ids_in, vals_in, n, hs);
   check_labels(op, labels, n, hs);
-  const bool kd = p.kd_scale != 0.0, ce = p.ce_weight != 0.0;
+  const bool akl = is_akl(p);
+  const bool kd = p.kd_scale != 0.0 || akl, ce = p.ce_weight != 0.0;  // akl: stats even at kd_weight 0
   const auto o = hs.options().dtype(acc_dtype(hs));
   const Tensor ids = ids_in.contiguous(), vals = vals_in.contiguous(), lab = labels.contiguous();
   const int64_t k = ids.size(1);
@@ -334,11 +411,15 @@ Tensors2 linear_sparse_kd_forward(const Tensor& hs, const Tensor& ws, const c10:
   Tensor loss = at::zeros({n}, o);
   Tensor stats;
   if (kd) {
-    Tensor r = at::empty({n, 5}, o);
+    Tensor r = at::empty({n, akl ? 8 : 5}, o);
     const Tensor lse_out = (st_out.select(1, 0) + st_out.select(1, 1).log()).contiguous();
     Epi::sparse_finalize(ids, vals, zK, lse_col(st, 0).contiguous(), lse_out, r, v, p);
-    stats = at::stack({r.select(1, 3), lse_1, r.select(1, 2), r.select(1, 1), r.select(1, 4)}, 1);
-    loss = r.select(1, 0) * p.kd_scale;
+    if (akl) {
+      stats = akl_sparse_stats(r, lse_1);
+    } else {
+      stats = at::stack({r.select(1, 3), lse_1, r.select(1, 2), r.select(1, 1), r.select(1, 4)}, 1);
+      loss = r.select(1, 0) * p.kd_scale;
+    }
   } else {
     stats = at::stack({lse_col(st, 0), lse_1, at::zeros({n}, o), at::zeros({n}, o), at::zeros({n}, o)}, 1);
   }
@@ -350,7 +431,8 @@ template <class Epi>
 Tensors3 linear_sparse_kd_backward(const Tensor& hs, const Tensor& ws, const c10::optional<Tensor>& bs,
                                    const Tensor& ids_in, const Tensor& vals_in, const Tensor& labels,
                                    const Tensor& stats, const Tensor& grad_rows, const Params& p,
-                                   bool need_dh, bool need_dw, bool need_db) {
+                                   bool need_dh, bool need_dw, bool need_db,
+                                   const c10::optional<Tensor>& akl_weights) {
   const char* op = "kdkernels_native::linear_sparse_kd_backward";
   check_head(op, "student_hidden", hs, "student_weight", ws, "student_bias", bs);
   const int64_t n = hs.size(0), v = ws.size(0);
@@ -358,10 +440,14 @@ Tensors3 linear_sparse_kd_backward(const Tensor& hs, const Tensor& ws, const c10
   check_labels(op, labels, n, hs);
   check_rows(op, "stats", stats, n, hs);
   check_rows(op, "grad_rows", grad_rows, n, hs);
-  TORCH_CHECK(stats.dim() == 2 && stats.size(1) == 5, op, ": stats must be (N, 5), got ", stats.sizes());
+  const bool akl = is_akl(p);
+  check_stats_width(op, stats, akl ? 9 : 5);
   const auto acc = acc_dtype(hs);
   const Tensor ids = ids_in.contiguous(), vals = vals_in.contiguous(), lab = labels.contiguous();
-  const Tensor st = stats.to(acc).contiguous(), gr = grad_rows.to(acc).contiguous();
+  Tensor st = stats.to(acc);
+  if (akl) st = akl_sparse_grad_state(st, akl_weights_of(op, akl_weights, n, hs, acc));
+  st = st.contiguous();
+  const Tensor gr = grad_rows.to(acc).contiguous();
   const int64_t cols = chunk_cols(n, v, 2 * hs.element_size(), p.chunk_bytes);
   HeadGrads out(hs, ws, need_dh, need_dw, need_db, cols == v);
   if (!(need_dh || need_dw || need_db)) return out.finish(hs);

@@ -11,6 +11,9 @@
 //                     of a = z_t / T (teacher), and the student's logit at the CE label
 //   dense stats (N, 4): [LSE(b), LSE(z), LSE(a), S]
 //   sparse stats (N, 5): [lse (LSE_K(b) for renorm_both), LSE(z), hQ, S, lnorm]
+// Divergence akl (docs/backends.md): the forward epilogues produce AKL's statistics instead (below);
+// the gradient epilogues read the stats above with the row's weights appended, (N, 6) dense /
+// (N, 7) sparse: [..., w_h, w_t], S and hQ already combined as w_h (.)_fkl + w_t (.)_rkl.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -40,7 +43,8 @@ struct Params {
   /* state (lse layout) += the chunk's LSE of b, z (if CE) and a (if xt is defined); z at labels */  \
   static void lse_update(const Tensor& xs, const Tensor& xt, int64_t v0, const Tensor& labels,      \
                          const Tensor& state, const Params& p);                                     \
-  /* acc (N, 2) += [sum f, sum qh] over the chunk, from dense stats */                               \
+  /* acc (N, 2) += [sum f, sum qh] over the chunk, from dense stats;                                  \
+     akl: acc (N, 4) += [fkl, rkl, tv, sum qh_fkl] */                                                \
   static void dense_terms(const Tensor& xs, const Tensor& xt, const Tensor& stats,                  \
                           const Tensor& acc, const Params& p);                                      \
   /* g (N, W) = grad_rows * d(loss)/d(x) of the chunk (dense teacher) */                             \
@@ -53,7 +57,8 @@ struct Params {
   /* zK (N, k) = softcap(x) at the ids that fall in the chunk */                                     \
   static void sparse_gather(const Tensor& xs, int64_t v0, const Tensor& ids, const Tensor& zK,      \
                             const Params& p);                                                       \
-  /* out (N, 5) = [D, S, hQ, lse, lnorm] per row */                                                  \
+  /* out (N, 5) = [D, S, hQ, lse, lnorm] per row;                                                   \
+     akl: out (N, 8) = [fkl, rkl, tv, S_fkl, hQ_fkl, hQ_rkl, lse, lnorm] */                          \
   static void sparse_finalize(const Tensor& ids, const Tensor& vals, const Tensor& zK,              \
                               const Tensor& lse_b, const Tensor& lse_out, const Tensor& out,        \
                               int64_t vocab, const Params& p);                                      \

@@ -5,7 +5,8 @@
 // Options travel as two lists, built in one place (kdkernels/backends/native/_ops.py):
 //   fopts = [temperature, mix (beta or alpha), kd_scale, ce_weight, student_softcap, teacher_softcap]
 //   iopts = [divergence code, tail code, values is "weights", chunk_bytes]
-// (softcaps: 0 = none).
+// (softcaps: 0 = none). The backward ops take `akl_weights` (N, 2) [w_h, w_t] for divergence akl
+// (None otherwise); the forward ops' stats are then AKL's (driver.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -35,7 +36,7 @@ inline Params params_from(c10::ArrayRef<double> f, c10::IntArrayRef i) {
   p.weights = i[2] != 0;
   p.chunk_bytes = i[3];
   TORCH_CHECK(p.temperature > 0, "kdkernels_native: temperature must be > 0, got ", p.temperature);
-  TORCH_CHECK(p.divergence >= kForwardKL && p.divergence <= kTVD, "kdkernels_native: bad divergence code ",
+  TORCH_CHECK(p.divergence >= kForwardKL && p.divergence <= kAKL, "kdkernels_native: bad divergence code ",
               p.divergence);
   TORCH_CHECK(p.tail >= kBucket && p.tail <= kRenormBoth, "kdkernels_native: bad tail code ", p.tail);
   TORCH_CHECK(p.chunk_bytes > 0, "kdkernels_native: chunk_bytes must be > 0, got ", p.chunk_bytes);
@@ -56,8 +57,8 @@ struct Ops {
   }
   static at::Tensor kd_backward(const at::Tensor& zs, const at::Tensor& zt, const at::Tensor& labels,
                                 const at::Tensor& stats, const at::Tensor& grad_rows,
-                                c10::ArrayRef<double> f, c10::IntArrayRef i) {
-    return driver::kd_backward<Epi>(zs, zt, labels, stats, grad_rows, params_from(f, i));
+                                c10::ArrayRef<double> f, c10::IntArrayRef i, const OptTensor& akl_weights) {
+    return driver::kd_backward<Epi>(zs, zt, labels, stats, grad_rows, params_from(f, i), akl_weights);
   }
   static std::tuple<at::Tensor, at::Tensor> linear_kd_forward(
       const at::Tensor& hs, const at::Tensor& ws, const OptTensor& bs, const at::Tensor& ht,
@@ -68,9 +69,10 @@ struct Ops {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_kd_backward(
       const at::Tensor& hs, const at::Tensor& ws, const OptTensor& bs, const at::Tensor& ht,
       const at::Tensor& wt, const OptTensor& bt, const at::Tensor& labels, const at::Tensor& stats,
-      const at::Tensor& grad_rows, c10::ArrayRef<double> f, c10::IntArrayRef i, Need need) {
+      const at::Tensor& grad_rows, c10::ArrayRef<double> f, c10::IntArrayRef i, Need need,
+      const OptTensor& akl_weights) {
     return driver::linear_kd_backward<Epi>(hs, ws, bs, ht, wt, bt, labels, stats, grad_rows,
-                                           params_from(f, i), need[0], need[1], need[2]);
+                                           params_from(f, i), need[0], need[1], need[2], akl_weights);
   }
   static std::tuple<at::Tensor, at::Tensor> linear_sparse_kd_forward(
       const at::Tensor& hs, const at::Tensor& ws, const OptTensor& bs, const at::Tensor& ids,
@@ -80,9 +82,10 @@ struct Ops {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_sparse_kd_backward(
       const at::Tensor& hs, const at::Tensor& ws, const OptTensor& bs, const at::Tensor& ids,
       const at::Tensor& vals, const at::Tensor& labels, const at::Tensor& stats,
-      const at::Tensor& grad_rows, c10::ArrayRef<double> f, c10::IntArrayRef i, Need need) {
+      const at::Tensor& grad_rows, c10::ArrayRef<double> f, c10::IntArrayRef i, Need need,
+      const OptTensor& akl_weights) {
     return driver::linear_sparse_kd_backward<Epi>(hs, ws, bs, ids, vals, labels, stats, grad_rows,
-                                                  params_from(f, i), need[0], need[1], need[2]);
+                                                  params_from(f, i), need[0], need[1], need[2], akl_weights);
   }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_topk(
       const at::Tensor& h, const at::Tensor& w, const OptTensor& b, int64_t k, c10::ArrayRef<double> f,
@@ -101,16 +104,21 @@ struct Ops {
 struct MetaOps {
   static at::TensorOptions acc(const at::Tensor& t) { return t.options().dtype(driver::acc_dtype(t)); }
   static at::Tensor none(const at::Tensor& t) { return at::empty_symint({c10::SymInt(0)}, t.options()); }
+  // stats width: AKL's (driver.h) when iopts[0] is the akl code
+  static int64_t width(c10::IntArrayRef i, int64_t plain, int64_t akl) {
+    return !i.empty() && i[0] == kAKL ? akl : plain;
+  }
 
   static std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& zs, const at::Tensor& zt,
                                                        const at::Tensor&, c10::ArrayRef<double>,
-                                                       c10::IntArrayRef) {
+                                                       c10::IntArrayRef i) {
     const auto o = acc(zt.scalar_type() == at::kDouble ? zt : zs);
-    return {at::empty_symint({zs.sym_size(0)}, o), at::empty_symint({zs.sym_size(0), c10::SymInt(4)}, o)};
+    return {at::empty_symint({zs.sym_size(0)}, o),
+            at::empty_symint({zs.sym_size(0), c10::SymInt(width(i, 4, 7))}, o)};
   }
   static at::Tensor kd_backward(const at::Tensor& zs, const at::Tensor&, const at::Tensor&,
                                 const at::Tensor&, const at::Tensor&, c10::ArrayRef<double>,
-                                c10::IntArrayRef) {
+                                c10::IntArrayRef, const OptTensor&) {
     return at::empty_symint(zs.sym_sizes(), zs.options().memory_format(at::MemoryFormat::Contiguous));
   }
   static std::tuple<at::Tensor, at::Tensor> rows_stats(const at::Tensor& hs, int64_t width) {
@@ -126,24 +134,24 @@ struct MetaOps {
   }
   static std::tuple<at::Tensor, at::Tensor> linear_kd_forward(
       const at::Tensor& hs, const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
-      const OptTensor&, const at::Tensor&, c10::ArrayRef<double>, c10::IntArrayRef) {
-    return rows_stats(hs, 4);
+      const OptTensor&, const at::Tensor&, c10::ArrayRef<double>, c10::IntArrayRef i) {
+    return rows_stats(hs, width(i, 4, 7));
   }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_kd_backward(
       const at::Tensor& hs, const at::Tensor& ws, const OptTensor&, const at::Tensor&, const at::Tensor&,
       const OptTensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::ArrayRef<double>,
-      c10::IntArrayRef, Need need) {
+      c10::IntArrayRef, Need need, const OptTensor&) {
     return head_grads(hs, ws, need);
   }
   static std::tuple<at::Tensor, at::Tensor> linear_sparse_kd_forward(
       const at::Tensor& hs, const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&, c10::ArrayRef<double>, c10::IntArrayRef) {
-    return rows_stats(hs, 5);
+      const at::Tensor&, c10::ArrayRef<double>, c10::IntArrayRef i) {
+    return rows_stats(hs, width(i, 5, 9));
   }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_sparse_kd_backward(
       const at::Tensor& hs, const at::Tensor& ws, const OptTensor&, const at::Tensor&, const at::Tensor&,
       const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::ArrayRef<double>, c10::IntArrayRef,
-      Need need) {
+      Need need, const OptTensor&) {
     return head_grads(hs, ws, need);
   }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_topk(

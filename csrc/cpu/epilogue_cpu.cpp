@@ -114,6 +114,32 @@ void row_terms(const T* x, const T* t, int64_t w, F inv_t, F cap_s, F cap_t, F l
   s_out = static_cast<F>(st);
 }
 
+// AKL: sums[0..3] = [fkl, rkl, tv, sum qh_fkl] of the row segment (akl_terms), blocked like row_terms
+template <bool CS, bool CT, class T, class F>
+void row_akl_terms(const T* x, const T* t, int64_t w, F inv_t, F cap_s, F cap_t, F lse_b, F lse_a,
+                   F* sums) {
+  double tot[4] = {0.0, 0.0, 0.0, 0.0};
+  for (int64_t b = 0; b < w; b += kBlock) {
+    const int64_t e = std::min(w, b + kBlock);
+    F s0 = F(0), s1 = F(0), s2 = F(0), s3 = F(0);
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t j = b; j < e; ++j) {
+      const F lq = cap_<CS>(static_cast<F>(x[j]), cap_s) * inv_t - lse_b;
+      const F lp = cap_<CT>(static_cast<F>(t[j]), cap_t) * inv_t - lse_a;
+      const AklTerms<F> el = akl_terms<F>(lp, lq);
+      s0 += el.fkl;
+      s1 += el.rkl;
+      s2 += el.tv;
+      s3 += el.qh_fkl;
+    }
+    tot[0] += static_cast<double>(s0);
+    tot[1] += static_cast<double>(s1);
+    tot[2] += static_cast<double>(s2);
+    tot[3] += static_cast<double>(s3);
+  }
+  for (int c = 0; c < 4; ++c) sums[c] = static_cast<F>(tot[c]);
+}
+
 template <class T, class F>
 F row_max_unmasked(const T* x, const uint8_t* mask, int64_t n) {
   F m = neg_inf<F>();
@@ -247,6 +273,20 @@ void CpuEpi::dense_terms(const Tensor& xs, const Tensor& xt, const Tensor& stats
     const Mix<F> mix = Mix<F>::make(p.mix);
     const F* sts = stats.data_ptr<F>();
     F* out = acc.data_ptr<F>();
+    if (p.divergence == kAKL) {
+      for_rows(n, [&](int64_t r) {
+        F sums[4];
+        with_cap(p.cap_s, [&](auto cs) {
+          with_cap(p.cap_t, [&](auto ct) {
+            row_akl_terms<decltype(cs)::value, decltype(ct)::value, T, F>(
+                row_ptr<T>(xs, r), row_ptr<T>(xt, r), w, inv_t, cap_s, cap_t, sts[r * 4 + 0], sts[r * 4 + 2],
+                sums);
+          });
+        });
+        for (int c = 0; c < 4; ++c) out[r * 4 + c] += sums[c];
+      });
+      return;
+    }
     with_divergence(p.divergence, [&](auto tag) {
       constexpr int DIV = decltype(tag)::value;
       for_rows(n, [&](int64_t r) {
@@ -279,6 +319,7 @@ void CpuEpi::dense_grad(const Tensor& xs, const Tensor& xt, int64_t v0, const Te
     const bool kd = p.kd_scale != 0.0;
     const Mix<F> mix = Mix<F>::make(p.mix);
     const F* sts = stats.data_ptr<F>();
+    const int64_t ld = stats.size(1);  // 4, or 6 with AKL's [w_h, w_t]
     const F* gr = grad_rows.data_ptr<F>();
     const int64_t* lab = labels.data_ptr<int64_t>();
     with_divergence(p.divergence, [&](auto tag) {
@@ -292,8 +333,9 @@ void CpuEpi::dense_grad(const Tensor& xs, const Tensor& xt, int64_t v0, const Te
         }
         const T* x = row_ptr<T>(xs, r);
         const T* t = kd ? row_ptr<T>(xt, r) : nullptr;
-        const F lse_b = sts[r * 4 + 0], lse_1 = sts[r * 4 + 1], lse_a = sts[r * 4 + 2];
-        const F S = sts[r * 4 + 3];
+        const F* st = sts + r * ld;
+        const F lse_b = st[0], lse_1 = st[1], lse_a = st[2], S = st[3];
+        const Mix<F> mix_r = DIV == kAKL ? Mix<F>::weights(st[4], st[5]) : mix;
         const int64_t y = lab[r] - v0;  // label column in this chunk (may be outside)
         const F ce = lab[r] >= 0 ? ce_w : F(0);
         with_cap(p.cap_s, [&](auto cs) {
@@ -302,7 +344,7 @@ void CpuEpi::dense_grad(const Tensor& xs, const Tensor& xt, int64_t v0, const Te
               with_flag(ce != F(0), [&](auto has_ce) {
                 row_dense_grad<DIV, decltype(cs)::value, decltype(ct)::value, decltype(has_kd)::value,
                                decltype(has_ce)::value>(x, t, out, w, inv_t, cap_s, cap_t, c_kd, lse_b,
-                                                        lse_1, lse_a, S, ce, y, scale, mix);
+                                                        lse_1, lse_a, S, ce, y, scale, mix_r);
               });
             });
           });
@@ -372,6 +414,16 @@ void CpuEpi::sparse_finalize(const Tensor& ids, const Tensor& vals, const Tensor
       const F* lse = lse_b.data_ptr<F>();
       const F* lse_o = lse_out.data_ptr<F>();
       F* o = out.data_ptr<F>();
+      if (p.divergence == kAKL) {
+        for_rows(n, [&](int64_t r) {
+          const SparseAklRow<F> s = sparse_row_akl<F, VT>(k, id + r * k, v + r * k, z + r * k, inv_t, lse[r],
+                                                          lse_o[r], vocab, static_cast<int>(p.tail), p.weights);
+          F* row = o + r * 8;
+          row[0] = s.fkl; row[1] = s.rkl; row[2] = s.tv; row[3] = s.S_fkl;
+          row[4] = s.hQ_fkl; row[5] = s.hQ_rkl; row[6] = s.lse; row[7] = s.lnorm;
+        });
+        return;
+      }
       with_divergence(p.divergence, [&](auto tag) {
         constexpr int DIV = decltype(tag)::value;
         for_rows(n, [&](int64_t r) {
@@ -401,6 +453,7 @@ void CpuEpi::sparse_grad(const Tensor& xs, int64_t v0, const Tensor& ids, const 
       const bool kd = p.kd_scale != 0.0, dense_tail = kd && p.tail != kRenormBoth;
       const Mix<F> mix = Mix<F>::make(p.mix);
       const F* sts = stats.data_ptr<F>();
+      const int64_t ld = stats.size(1);  // 5, or 7 with AKL's [w_h, w_t]
       const F* gr = grad_rows.data_ptr<F>();
       const int64_t* lab = labels.data_ptr<int64_t>();
       const int64_t* id = ids.data_ptr<int64_t>();
@@ -415,8 +468,9 @@ void CpuEpi::sparse_grad(const Tensor& xs, int64_t v0, const Tensor& ids, const 
             return;
           }
           const T* x = row_ptr<T>(xs, r);
-          const F* st = sts + r * 5;
+          const F* st = sts + r * ld;
           const F lse = st[0], lse_1 = st[1], hQ = st[2], S = st[3], lnorm = st[4];
+          const Mix<F> mix_r = DIV == kAKL ? Mix<F>::weights(st[5], st[6]) : mix;
           const F dense = dense_tail ? c_kd * (hQ - S) : F(0);
           const int64_t y = lab[r] - v0;
           const F ce = lab[r] >= 0 ? ce_w : F(0);
@@ -435,7 +489,7 @@ void CpuEpi::sparse_grad(const Tensor& xs, int64_t v0, const Tensor& ids, const 
             if (id[r * k + i] < 0 || j < 0 || j >= w) continue;
             const F z = softcap(static_cast<F>(x[j]), cap);
             const F at_id = sparse_grad_at_id<DIV, F, VT>(z * inv_t, v[r * k + i], lse, lnorm, S,
-                                                          p.weights, mix);
+                                                          p.weights, mix_r);
             F val = c_kd * at_id;
             if (ce != F(0)) val += ce * (exp_(z - lse_1) - (j == y ? F(1) : F(0)));
             out[j] = static_cast<T>(val * softcap_grad(z, cap) * scale);

@@ -86,11 +86,37 @@ __global__ void dense_terms_kernel(const T* xs, int64_t lds, const T* xt, int64_
   }
 }
 
+// AKL: acc[r] += [fkl, rkl, tv, sum qh_fkl] over the row segment (akl_terms).
+template <class T, class F>
+__global__ void akl_terms_kernel(const T* xs, int64_t lds, const T* xt, int64_t ldt, int64_t w,
+                                 const F* stats, F* acc, F inv_t, F cap_s, F cap_t) {
+  __shared__ F smem[32];
+  const int64_t r = blockIdx.x;
+  const T* x = row_of(xs, lds, r);
+  const T* t = row_of(xt, ldt, r);
+  const F lse_b = stats[r * 4 + 0], lse_a = stats[r * 4 + 2];
+  F s[4] = {F(0), F(0), F(0), F(0)};
+  for (int64_t j = threadIdx.x; j < w; j += blockDim.x) {
+    const F lq = softcap(static_cast<F>(x[j]), cap_s) * inv_t - lse_b;
+    const F lp = softcap(static_cast<F>(t[j]), cap_t) * inv_t - lse_a;
+    const AklTerms<F> e = akl_terms<F>(lp, lq);
+    s[0] += e.fkl;
+    s[1] += e.rkl;
+    s[2] += e.tv;
+    s[3] += e.qh_fkl;
+  }
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const F total = cuda::block_sum(s[c], smem);
+    if (threadIdx.x == 0) acc[r * 4 + c] += total;
+  }
+}
+
 template <int DIV, class T, class F>
 __global__ void dense_grad_kernel(const T* xs, int64_t lds, const T* xt, int64_t ldt, int64_t w,
-                                  int64_t v0, const int64_t* labels, const F* stats, const F* grad_rows,
-                                  T* g, int64_t ldg, F inv_t, F cap_s, F cap_t, F c_kd, F ce_w,
-                                  bool kd, Mix<F> mix) {
+                                  int64_t v0, const int64_t* labels, const F* stats, int64_t ld_st,
+                                  const F* grad_rows, T* g, int64_t ldg, F inv_t, F cap_s, F cap_t, F c_kd,
+                                  F ce_w, bool kd, Mix<F> mix) {
   const int64_t r = blockIdx.x;
   T* out = g + r * ldg;
   const F scale = grad_rows[r];
@@ -100,8 +126,9 @@ __global__ void dense_grad_kernel(const T* xs, int64_t lds, const T* xt, int64_t
   }
   const T* x = row_of(xs, lds, r);
   const T* t = kd ? row_of(xt, ldt, r) : nullptr;
-  const F lse_b = stats[r * 4 + 0], lse_1 = stats[r * 4 + 1], lse_a = stats[r * 4 + 2];
-  const F S = stats[r * 4 + 3];
+  const F* st = stats + r * ld_st;  // (N, 4), or (N, 6) with AKL's [w_h, w_t]
+  const F lse_b = st[0], lse_1 = st[1], lse_a = st[2], S = st[3];
+  if (DIV == kAKL) mix = Mix<F>::weights(st[4], st[5]);
   const int64_t y = labels[r] - v0;
   const F ce = labels[r] >= 0 ? ce_w : F(0);
   for (int64_t j = threadIdx.x; j < w; j += blockDim.x) {
@@ -167,11 +194,24 @@ __global__ void sparse_finalize_kernel(int64_t n, int64_t k, const int64_t* ids,
   o[0] = s.D; o[1] = s.S; o[2] = s.hQ; o[3] = s.lse; o[4] = s.lnorm;
 }
 
+template <class F, class VT>
+__global__ void sparse_finalize_akl_kernel(int64_t n, int64_t k, const int64_t* ids, const VT* vals,
+                                           const F* zK, const F* lse_b, const F* lse_out, F* out,
+                                           int64_t vocab, F inv_t, int tail, bool weights) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= n) return;
+  const SparseAklRow<F> s = sparse_row_akl<F, VT>(k, ids + r * k, vals + r * k, zK + r * k, inv_t, lse_b[r],
+                                                  lse_out[r], vocab, tail, weights);
+  F* o = out + r * 8;
+  o[0] = s.fkl; o[1] = s.rkl; o[2] = s.tv; o[3] = s.S_fkl;
+  o[4] = s.hQ_fkl; o[5] = s.hQ_rkl; o[6] = s.lse; o[7] = s.lnorm;
+}
+
 template <int DIV, class T, class F, class VT>
 __global__ void sparse_grad_kernel(const T* xs, int64_t lds, int64_t w, int64_t v0, const int64_t* ids,
                                    const VT* vals, int64_t k, const int64_t* labels, const F* stats,
-                                   const F* grad_rows, T* g, int64_t ldg, F inv_t, F cap, F c_kd,
-                                   F ce_w, bool kd, int tail, bool weights, Mix<F> mix) {
+                                   int64_t ld_st, const F* grad_rows, T* g, int64_t ldg, F inv_t, F cap,
+                                   F c_kd, F ce_w, bool kd, int tail, bool weights, Mix<F> mix) {
   const int64_t r = blockIdx.x;
   T* out = g + r * ldg;
   const F scale = grad_rows[r];
@@ -180,8 +220,9 @@ __global__ void sparse_grad_kernel(const T* xs, int64_t lds, int64_t w, int64_t 
     return;
   }
   const T* x = row_of(xs, lds, r);
-  const F* st = stats + r * 5;
+  const F* st = stats + r * ld_st;  // (N, 5), or (N, 7) with AKL's [w_h, w_t]
   const F lse = st[0], lse_1 = st[1], hQ = st[2], S = st[3], lnorm = st[4];
+  if (DIV == kAKL) mix = Mix<F>::weights(st[5], st[6]);
   const bool dense_tail = kd && tail != kRenormBoth;
   const F dense = dense_tail ? c_kd * (hQ - S) : F(0);
   const int64_t y = labels[r] - v0;
@@ -304,6 +345,13 @@ void CudaEpi::dense_terms(const Tensor& xs, const Tensor& xt, const Tensor& stat
   KD_DISPATCH_FLOAT(xs.scalar_type(), "kd_dense_terms_cuda", [&] {
     using T = scalar_t;
     using F = acc_t<T>;
+    if (p.divergence == kAKL) {
+      akl_terms_kernel<T, F><<<rows_grid(n), kThreads, 0, stream>>>(
+          xs.data_ptr<T>(), xs.stride(0), xt.data_ptr<T>(), xt.stride(0), w, stats.data_ptr<F>(),
+          acc.data_ptr<F>(), F(1.0 / p.temperature), F(p.cap_s), F(p.cap_t));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     with_divergence(p.divergence, [&](auto tag) {
       constexpr int DIV = decltype(tag)::value;
       dense_terms_kernel<DIV, T, F><<<rows_grid(n), kThreads, 0, stream>>>(
@@ -328,8 +376,8 @@ void CudaEpi::dense_grad(const Tensor& xs, const Tensor& xt, int64_t v0, const T
       constexpr int DIV = decltype(tag)::value;
       dense_grad_kernel<DIV, T, F><<<rows_grid(n), kThreads, 0, stream>>>(
           xs.data_ptr<T>(), xs.stride(0), kd ? xt.data_ptr<T>() : nullptr, kd ? xt.stride(0) : 0, w, v0,
-          labels.data_ptr<int64_t>(), stats.data_ptr<F>(), grad_rows.data_ptr<F>(), g.data_ptr<T>(),
-          g.stride(0), F(1.0 / p.temperature), F(p.cap_s), F(p.cap_t), F(p.kd_scale / p.temperature),
+          labels.data_ptr<int64_t>(), stats.data_ptr<F>(), stats.size(1), grad_rows.data_ptr<F>(),
+          g.data_ptr<T>(), g.stride(0), F(1.0 / p.temperature), F(p.cap_s), F(p.cap_t), F(p.kd_scale / p.temperature),
           F(p.ce_weight), kd, Mix<F>::make(p.mix));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -379,6 +427,14 @@ void CudaEpi::sparse_finalize(const Tensor& ids, const Tensor& vals, const Tenso
     using VT = scalar_t;
     auto run = [&](auto f_tag) {
       using F = decltype(f_tag);
+      if (p.divergence == kAKL) {
+        sparse_finalize_akl_kernel<F, VT><<<blocks, 128, 0, stream>>>(
+            n, k, ids.data_ptr<int64_t>(), vals.data_ptr<VT>(), zK.data_ptr<F>(), lse_b.data_ptr<F>(),
+            lse_out.data_ptr<F>(), out.data_ptr<F>(), vocab, F(1.0 / p.temperature), static_cast<int>(p.tail),
+            p.weights);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
       with_divergence(p.divergence, [&](auto tag) {
         constexpr int DIV = decltype(tag)::value;
         sparse_finalize_kernel<DIV, F, VT><<<blocks, 128, 0, stream>>>(
@@ -410,8 +466,8 @@ void CudaEpi::sparse_grad(const Tensor& xs, int64_t v0, const Tensor& ids, const
         constexpr int DIV = decltype(tag)::value;
         sparse_grad_kernel<DIV, T, F, VT><<<rows_grid(n), kThreads, 0, stream>>>(
             xs.data_ptr<T>(), xs.stride(0), w, v0, ids.data_ptr<int64_t>(), v.data_ptr<VT>(), k,
-            labels.data_ptr<int64_t>(), stats.data_ptr<F>(), grad_rows.data_ptr<F>(), g.data_ptr<T>(),
-            g.stride(0), F(1.0 / p.temperature), F(p.cap_s), F(p.kd_scale / p.temperature),
+            labels.data_ptr<int64_t>(), stats.data_ptr<F>(), stats.size(1), grad_rows.data_ptr<F>(),
+            g.data_ptr<T>(), g.stride(0), F(1.0 / p.temperature), F(p.cap_s), F(p.kd_scale / p.temperature),
             F(p.ce_weight), p.kd_scale != 0.0, static_cast<int>(p.tail), p.weights, Mix<F>::make(p.mix));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });

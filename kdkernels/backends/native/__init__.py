@@ -13,8 +13,7 @@ from ._ops import (kd_backward, kd_forward, linear_kd_backward, linear_kd_forwar
 
 NAME = "native"
 # Public ops not implemented yet (kdkernels.dispatch: an explicit request raises, "auto" skips us).
-UNSUPPORTED_OPS = ("kd_loss(divergence='akl')", "fused_linear_kd_loss(divergence='akl')",
-                   "fused_linear_sparse_kd_loss(divergence='akl')")
+UNSUPPORTED_OPS = ()
 
 
 def is_loaded_or_prebuilt() -> bool:

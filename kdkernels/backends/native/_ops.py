@@ -1,7 +1,8 @@
 """Contract functions (docs/backends.md) -> torch.ops.kdkernels_native.* (csrc/bindings.cpp).
 
 KDOptions become the two option lists of the op schemas (csrc/ops.h): this is the one place that
-encodes them.
+encodes them. divergence="akl": the backward functions take `akl_weights` (N, 2) [w_h, w_t] (None for
+every other divergence); the forward stats end with the public [lse_p, lse_q, fkl, rkl, tv].
 """
 from __future__ import annotations
 
@@ -33,18 +34,20 @@ def kd_forward(zs, zt, labels, opts: KDOptions):
     return tuple(_ops(zs.device).kd_forward(zs, zt, labels, *options_lists(opts)))
 
 
-def kd_backward(zs, zt, labels, stats, grad_rows, opts: KDOptions):
-    return _ops(zs.device).kd_backward(zs, zt, labels, stats, grad_rows, *options_lists(opts))
+def kd_backward(zs, zt, labels, stats, grad_rows, opts: KDOptions, akl_weights=None):
+    return _ops(zs.device).kd_backward(zs, zt, labels, stats, grad_rows, *options_lists(opts),
+                                       akl_weights)
 
 
 def linear_kd_forward(hs, ws, bs, ht, wt, bt, labels, opts: KDOptions):
     return tuple(_ops(hs.device).linear_kd_forward(hs, ws, bs, ht, wt, bt, labels, *options_lists(opts)))
 
 
-def linear_kd_backward(hs, ws, bs, ht, wt, bt, labels, stats, grad_rows, opts: KDOptions, need):
+def linear_kd_backward(hs, ws, bs, ht, wt, bt, labels, stats, grad_rows, opts: KDOptions, need,
+                       akl_weights=None):
     need = [bool(n) for n in need]
     out = _ops(hs.device).linear_kd_backward(hs, ws, bs, ht, wt, bt, labels, stats, grad_rows,
-                                             *options_lists(opts), need)
+                                             *options_lists(opts), need, akl_weights)
     return _grads(out, need)
 
 
@@ -53,10 +56,11 @@ def linear_sparse_kd_forward(hs, ws, bs, ids, vals, labels, opts: KDOptions):
                                                           *options_lists(opts)))
 
 
-def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, opts: KDOptions, need):
+def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, opts: KDOptions, need,
+                              akl_weights=None):
     need = [bool(n) for n in need]
     out = _ops(hs.device).linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows,
-                                                    *options_lists(opts), need)
+                                                    *options_lists(opts), need, akl_weights)
     return _grads(out, need)
 
 
