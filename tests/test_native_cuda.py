@@ -95,3 +95,91 @@ def test_opcheck_cuda():
     for name, args in _sample_args(ops).items():
         cuda_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
         opcheck(getattr(ops, name).default, cuda_args)
+
+
+# --------------------------------------------------------------------------------------------------
+# divergence="akl" (tests/test_native_akl.py holds the CPU build's cases)
+
+
+def _akl_mu(form):
+    from test_native_akl import _mu   # sampled caches: keep H's cut away from p = count / 48 sums
+    return _mu(form)
+
+
+@pytest.mark.parametrize("form", [f for f in R.FORMS if not R.rejected(f, "akl")])
+def test_akl_forms_fp32(kd, form):
+    _need_cuda()
+    case = _to_cuda(kd.make_case(form, n=37, v=1031, k=16, temperature=1.5, seed=12, bias=form != "logits",
+                                 student_softcap=20.0 if form != "logits" else None))
+    labels = kd.make_labels(case.n, case.v, "some").cuda()
+    opts = dict(divergence="akl", temperature=1.5, labels=labels, backend="native", reduction="none",
+                ce_weight=0.2, chunk_bytes=37 * 4 * 96, mu=_akl_mu(form))
+    kd.check(case, opts, kd.upstream("none", (case.n,)).cuda())
+
+
+@pytest.mark.parametrize("form", ["logits", "linear", "sparse:logprobs:bucket", "sparse:weights:renorm_both"])
+def test_akl_bf16_and_all_ignored(kd, form):
+    _need_cuda()
+    case = _to_cuda(kd.make_case(form, n=64, v=4099, h_s=64, h_t=96, k=32, dtype=torch.bfloat16, seed=3))
+    for pattern in ("some", "all"):
+        labels = kd.make_labels(case.n, case.v, pattern).cuda()
+        loss, grads = kd.check(case, dict(divergence="akl", labels=labels, backend="native", ce_weight=0.1,
+                                          chunk_bytes=64 * 2 * 512, mu=_akl_mu(form)),
+                               kd.upstream("mean", ()).cuda())
+        if pattern == "all":
+            assert (loss == 0).all() and all((g == 0).all() for g in grads.values())
+
+
+def test_akl_contract_vs_cpu_build():
+    """The CUDA kernels against the CPU build (same shared math): public stats and the weighted
+    backward, dense (kd_*) and sparse bucket (linear_sparse_kd_*), V = 1031 in several chunks."""
+    _need_cuda()
+    import kdkernels.backends.native as nat
+    from kdkernels.options import KDOptions
+    g = torch.Generator().manual_seed(5)
+    n, v, k = 33, 1031, 16
+    zs, zt = torch.randn(n, v, generator=g) * 4, torch.randn(n, v, generator=g) * 4
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[::3] = -1
+    gr = torch.randn(n, generator=g)
+    gr[::4] = 0
+    wh = torch.rand(n, generator=g)
+    w = torch.stack([wh, 1 - wh], 1)
+    o = KDOptions(divergence="akl", ce_weight=0.3, temperature=1.2, chunk_bytes=n * 4 * 2 * 128)
+    cpu = nat.kd_forward(zs, zt, labels, o)
+    dev = nat.kd_forward(zs.cuda(), zt.cuda(), labels.cuda(), o)
+    torch.testing.assert_close(dev[1][:, -5:].cpu(), cpu[1][:, -5:], rtol=1e-5, atol=1e-5)
+    g_cpu = nat.kd_backward(zs, zt, labels, cpu[1], gr, o, akl_weights=w)
+    g_dev = nat.kd_backward(zs.cuda(), zt.cuda(), labels.cuda(), dev[1], gr.cuda(), o, akl_weights=w.cuda())
+    torch.testing.assert_close(g_dev.cpu(), g_cpu, rtol=0, atol=1e-6 * float(g_cpu.abs().max()) + 1e-9)
+    assert (g_dev[gr.cuda() == 0] == 0).all()
+    hs, ws = torch.randn(n, 16, generator=g), torch.randn(v, 16, generator=g)
+    lp = torch.log_softmax(torch.randn(n, v, generator=g) * 3, -1)
+    ids = torch.topk(lp, k, 1).indices
+    vals = lp.gather(1, ids)
+    ids[::5, -1] = -1
+    for tail in ("bucket", "renorm_both"):
+        os_ = KDOptions(divergence="akl", tail=tail, ce_weight=0.3, temperature=1.2, chunk_bytes=n * 4 * 2 * 128)
+        c = nat.linear_sparse_kd_forward(hs, ws, None, ids, vals, labels, os_)
+        d = nat.linear_sparse_kd_forward(hs.cuda(), ws.cuda(), None, ids.cuda(), vals.cuda(), labels.cuda(), os_)
+        torch.testing.assert_close(d[1][:, -5:].cpu(), c[1][:, -5:], rtol=1e-5, atol=1e-5)
+        need = (True, True, False)
+        gc = nat.linear_sparse_kd_backward(hs, ws, None, ids, vals, labels, c[1], gr, os_, need, akl_weights=w)
+        gd = nat.linear_sparse_kd_backward(hs.cuda(), ws.cuda(), None, ids.cuda(), vals.cuda(), labels.cuda(),
+                                           d[1], gr.cuda(), os_, need, akl_weights=w.cuda())
+        for x, y in zip(gd[:2], gc[:2]):
+            torch.testing.assert_close(x.cpu(), y, rtol=1e-4, atol=1e-5 * float(y.abs().max()))
+
+
+def test_akl_opcheck_cuda():
+    _need_cuda()
+    opcheck = getattr(torch.library, "opcheck", None)
+    if opcheck is None:
+        pytest.skip("torch.library.opcheck needs torch >= 2.4")
+    from test_native_akl import _akl_args
+    from kdkernels.backends.native import _loader
+    _loader.load(cuda=True)
+    ops = torch.ops.kdkernels_native
+    for name, args in _akl_args(ops).items():
+        cuda_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+        opcheck(getattr(ops, name).default, cuda_args)
