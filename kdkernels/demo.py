@@ -66,6 +66,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default=None, help="kdkernels backend (default: auto)")
+    p.add_argument("--recipes", nargs="*", default=(), choices=("akl", "on-policy", "lora", "all"),
+                   help="also train the issue-8 recipes next to the forward-KL student: AKL, on-policy "
+                        "(student rollouts scored by the live teacher), LoRA (from the CE student)")
+    p.add_argument("--on-policy-fraction", type=float, default=0.5,
+                   help="share of micro-batches that are student rollouts (recipe on-policy)")
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (recipe lora)")
 
 
 def _missing_requirements() -> list[str]:
@@ -294,8 +300,31 @@ def main(args) -> int:
             f"CE x{args.ce_weight:g} + KD x{args.kd_weight:g}": dict(kd_weight=args.kd_weight,
                                                                  ce_weight=args.ce_weight)}
     results, curves = {}, {}
+    recipes = ("akl", "on-policy", "lora") if "all" in args.recipes else tuple(args.recipes)
+    kd_name = list(runs)[1]
+    kd_weights = runs[kd_name]
+    if recipes:   # issue 8's recipes, each next to the plain forward-KL student (docs/recipes.md)
+        runs = {"CE only": runs["CE only"], f"{kd_name} (forward KL)": kd_weights}
+        if "akl" in recipes:
+            runs[f"{kd_name} (AKL)"] = dict(kd_weights, divergence="akl")
+        if "on-policy" in recipes:
+            runs[f"{kd_name} + on-policy {args.on_policy_fraction:g} (reverse KL)"] = dict(
+                kd_weights, on_policy_fraction=args.on_policy_fraction,
+                on_policy_max_new_tokens=args.seq_len // 2, on_policy_prompt_len=args.seq_len // 2)
+        if "lora" in recipes:
+            runs[f"from CE: full {kd_name}"] = dict(kd_weights, init="CE only")
+            runs[f"from CE: LoRA r={args.lora_rank} {kd_name}"] = dict(kd_weights, init="CE only",
+                                                                      lora=args.lora_rank)
+    trained = {}
     for name, weights in runs.items():
+        weights = dict(weights)
+        init, lora = weights.pop("init", None), weights.pop("lora", 0)
         student = make_student(teacher.config, args.hidden, args.layers, args.seed)
+        if init is not None:
+            student.load_state_dict(trained[init])
+        if lora:
+            from .train.lora import wrap_lora
+            student = wrap_lora(student, rank=lora, alpha=2 * lora)
         cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                           warmup_steps=max(1, args.steps // 20), temperature=cache_t, values=values,
                           pad_id=tok.pad_token_id or 0, backend=args.backend, seed=args.seed,
@@ -315,10 +344,15 @@ def main(args) -> int:
         say(f"training student '{name}' ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M "
             f"params, {args.layers} layers, hidden {args.hidden}) for {args.steps} steps")
         t0 = time.perf_counter()
-        res = train(student, examples, cfg, log=on_log)
+        res = train(student, examples, cfg, log=on_log,
+                    teacher=teacher if cfg.on_policy_fraction else None)
+        train_s = time.perf_counter() - t0
         results[name] = dict(evaluate(student, eval_set, teacher=t_parts, backend=args.backend),
-                             train_s=time.perf_counter() - t0, final_loss=res.history[-1]["loss"])
+                             train_s=train_s, final_loss=res.history[-1]["loss"],
+                             train_tokens_per_s=sum(h.get("tokens", 0) for h in res.history) / train_s)
         curves[name] = curve
+        if name == "CE only" and "lora" in recipes:
+            trained[name] = {k: v.clone() for k, v in student.state_dict().items()}
 
     say(f"measuring peak memory of the loss for a batch of {args.memory_tokens} tokens")
     mem = memory_comparison(student, args.memory_tokens, args.k, cache_t, args.backend)
@@ -327,10 +361,11 @@ def main(args) -> int:
     print(f"Held-out: {results[next(iter(results))]['tokens']} tokens of {corpus}; teacher "
           f"SmolLM2-135M perplexity {teacher_ppl:.1f}")
     print(f"| student ({args.steps} steps, batch {args.batch_size}x{args.seq_len}) | held-out ppl | "
-          f"KL(teacher||student) nats/token | train time |")
-    print("|---|---|---|---|")
+          f"KL(teacher||student) nats/token | train time | train tokens/s |")
+    print("|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['ppl']:.1f} | {r['kl']:.3f} | {r['train_s']:.0f} s |")
+        print(f"| {name} | {r['ppl']:.1f} | {r['kl']:.3f} | {r['train_s']:.0f} s | "
+              f"{r['train_tokens_per_s']:.0f} |")
     mib = 2 ** 20
     print(f"\nPeak extra memory of the loss, forward + backward ({mem['shape']}, fp32, CPU, "
           f"torch.profiler): fused {mem['fused'] / mib:.1f} MiB vs materialized logits "
