@@ -264,3 +264,28 @@ def test_train_minimal_lora_flags(tmp_path):
     second = subprocess.run(cmd + ["--steps", "3"], capture_output=True, text=True, env=env, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resumed at step 2" in second.stdout and re.search(r"step 3\s+loss", second.stdout)
+
+
+def test_kdtrainer_trains_only_the_adapters(tmp_path, monkeypatch):
+    """kdkernels.hf.KDTrainer with a LoRA student: the adapters move, the base does not, and the
+    LM head's forward is never called."""
+    pytest.importorskip("accelerate")
+    from transformers import TrainingArguments
+
+    from kdkernels.hf import KDTrainer, kd_collator
+    teacher, student = fine_tuned_teacher(), lora_student()
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+
+    def boom(*a, **k):
+        raise AssertionError("the full logits were computed")
+    monkeypatch.setattr(student.get_output_embeddings(), "forward", boom)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                             dataloader_num_workers=0, seed=0, disable_tqdm=True,
+                             remove_unused_columns=False)
+    trainer = KDTrainer(model=student, args=args, train_dataset=data(4), data_collator=kd_collator(),
+                        teacher=teacher, backend="torch")
+    assert math.isfinite(trainer.train().training_loss)
+    for n, p in student.named_parameters():
+        moved = not torch.equal(p.detach(), before[n])
+        assert moved == (".lora_B." in n or ".lora_A." in n), n
