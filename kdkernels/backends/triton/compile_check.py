@@ -47,7 +47,7 @@ def _configs(full: bool):
                 "zk_ptr": "*fp32", "N": "i32", "V": "i32", "inv_T": "fp32", "cols_per_split": "i32",
                 "n_splits": "i32"},
                {**flags, "HAS_BIAS": linear, "HAS_CAP": linear, "TWO": True, "HAS_LABEL": True,
-                "HAS_IDS": linear, "KP": 64, **tiles},
+                "HAS_IDS": linear, "KP": 64, "LOG_K": 7, **tiles},
                lopts)
         two_heads = {**head(dt, HS), **head(dt, HT)}
         caps = dict(S_BIAS=linear, S_CAP=linear, T_BIAS=False, T_CAP=linear)
@@ -90,7 +90,7 @@ def _configs(full: bool):
                     "K": "i32", "c_start": "i32", "c_end": "i32", "inv_T": "fp32", "kd_coef": "fp32",
                     "ce_w": "fp32", "LOG_W": "fp32", "LOG_1MW": "fp32"},
                    {"DIV": div, "HAS_KD": True, "HAS_DENSE": True, "HAS_CE": True, "HAS_BIAS": True,
-                    "HAS_CAP": True, "IEEE": ieee, **lin}, opts_lin)
+                    "HAS_CAP": True, "IEEE": ieee, "LOG_K": 7, **lin}, opts_lin)
         head_args = {"h_ptr": PTR[dt], "stride_hn": "i32", "w_ptr": PTR[dt], "stride_wv": "i32",
                      "b_ptr": PTR[dt], "H": "i32", "cap": "fp32"}
         for kp in ((16, 64, 256) if full else (64,)):

@@ -4,7 +4,7 @@ also used for the student LSE of the sparse path, linear_topk and linear_sample.
 Per row (docs/semantics.md), b = z_s / T, a = z_t / T, q = softmax(b), p = softmax(a):
 
   _lse_kernel          partial LSE(z/T), LSE(z), z[label] (and LSE(z/T) outside the k ids of a
-                       sparse teacher) over one vocabulary split.
+                       sparse teacher, with z at the ids) over one vocabulary split.
                        Reads one model's rows: N*H + V*H elements (LM head) or N*V (logits);
                        writes 3 floats per (row, split).
   _dense_terms_kernel  partial sum_j f(p_j, q_j) and S = sum_j qh_j given the LSEs.
@@ -25,7 +25,8 @@ Rows with grad_row == 0 get exactly 0 (NaN inputs included).
 import triton
 import triton.language as tl
 
-from .tl_utils import NEG_INF, akl_qh, akl_terms, element_terms, head_tile, lse_finish, lse_update
+from .tl_utils import (NEG_INF, akl_qh, akl_terms, element_terms, first_id_at_least, head_tile, load_id,
+                       lse_finish, lse_update)
 
 
 @triton.jit
@@ -34,12 +35,14 @@ def _lse_kernel(x_ptr, stride_xn, stride_xv, w_ptr, stride_wv, b_ptr, H, cap, la
                 N, V, inv_T, cols_per_split, n_splits,
                 LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
                 IEEE: tl.constexpr, TWO: tl.constexpr, HAS_LABEL: tl.constexpr,
-                HAS_IDS: tl.constexpr, KP: tl.constexpr,
+                HAS_IDS: tl.constexpr, KP: tl.constexpr, LOG_K: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """HAS_IDS (ids (N, K), -1 = empty; KP = next_pow2(K)): also z at the ids, picked from the
-    same tiles (so they round exactly like the LSE's terms and the backward's recomputed tiles;
-    zk (N, splits, KP), 0 in the splits without the id) and the LSE of z/T over the columns that are
-    not among the ids (the sparse tail's log Q). k compares per tile entry."""
+    """HAS_IDS (ids (N, K) ascending per row, empty slots (-1) last; KP = next_pow2(K),
+    LOG_K = K.bit_length()): also z at the ids, picked from the same tiles (so they round exactly
+    like the LSE's terms and the backward's recomputed tiles) and stored to zk (N, KP) at the id's
+    slot by the one program whose tile holds it (slots of no id keep the host's zeros), and the LSE
+    of z/T over the columns that are not among the ids (the sparse tail's log Q). A per-row cursor
+    walks the sorted ids: a tile costs one compare pass per id it holds (the most any row holds)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -53,8 +56,11 @@ def _lse_kernel(x_ptr, stride_xn, stride_xv, w_ptr, stride_wv, b_ptr, H, cap, la
     pick = tl.zeros((BLOCK_N,), tl.float32)
     m_o = tl.full((BLOCK_N,), NEG_INF, tl.float32)
     s_o = tl.zeros((BLOCK_N,), tl.float32)
-    slots = tl.arange(0, KP)
-    zk = tl.zeros((BLOCK_N, KP), tl.float32)
+    cur = tl.zeros((BLOCK_N,), tl.int32)          # slot of the row's next id
+    nxt = tl.zeros((BLOCK_N,), tl.int64)          # that id (2^31 - 1 when none is left)
+    if HAS_IDS:
+        cur = first_id_at_least(ids_ptr, stride_in, rows, rmask, K, v0, LOG_K)
+        nxt = load_id(ids_ptr, stride_in, rows, rmask, cur, K)
     lab = tl.full((BLOCK_N,), -1, tl.int64)
     if HAS_LABEL:
         lab = tl.load(labels_ptr + rows, mask=rmask, other=-1)
@@ -66,13 +72,17 @@ def _lse_kernel(x_ptr, stride_xn, stride_xv, w_ptr, stride_wv, b_ptr, H, cap, la
         zt = tl.where(valid, z * inv_T, NEG_INF)
         m_t, s_t = lse_update(m_t, s_t, zt)
         if HAS_IDS:
+            c1 = tl.minimum(c0 + BLOCK_V, v1)
             in_k = tl.zeros((BLOCK_N, BLOCK_V), tl.int1)
-            for i in range(0, K):
-                idx = tl.load(ids_ptr + rows * stride_in + i, mask=rmask, other=-1)
-                hit = valid & (cols[None, :] == idx[:, None])
+            inside = nxt < c1                 # ids before c0 were consumed by earlier tiles
+            while tl.max(inside.to(tl.int32), 0) > 0:
+                hit = (cols[None, :] == nxt[:, None]) & inside[:, None]
                 in_k = in_k | hit
-                picked = tl.sum(tl.where(hit, z, 0.0), 1)
-                zk += tl.where(slots[None, :] == i, picked[:, None], 0.0)
+                tl.store(zk_ptr + rows.to(tl.int64) * KP + cur, tl.sum(tl.where(hit, z, 0.0), 1),
+                         mask=inside)
+                cur += inside.to(tl.int32)
+                nxt = load_id(ids_ptr, stride_in, rows, rmask, cur, K)
+                inside = nxt < c1
             m_o, s_o = lse_update(m_o, s_o, tl.where(in_k, NEG_INF, zt))
         if TWO:
             m_1, s_1 = lse_update(m_1, s_1, tl.where(valid, z, NEG_INF))
@@ -87,7 +97,6 @@ def _lse_kernel(x_ptr, stride_xn, stride_xv, w_ptr, stride_wv, b_ptr, H, cap, la
         tl.store(pick_ptr + out, pick, mask=rmask)
     if HAS_IDS:
         tl.store(lse_o_ptr + out, lse_finish(m_o, s_o), mask=rmask)
-        tl.store(zk_ptr + out[:, None] * KP + slots[None, :], zk, mask=rmask[:, None])
 
 
 @triton.jit

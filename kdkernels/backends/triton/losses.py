@@ -84,7 +84,8 @@ def _div_code(opts: KDOptions) -> int:
 def head_lse(head: Head, n: int, v: int, T: float, labels: Optional[torch.Tensor], two: bool,
              ids: Optional[torch.Tensor] = None):
     """(LSE(z/T), LSE(z) if two else None, z[label] if labels is given else None,
-    LSE(z/T) outside each row's ids if ids is given else None), fp32 (N,)."""
+    LSE(z/T) outside each row's ids if ids is given else None), fp32 (N,), and z at the ids
+    (N, next_pow2(k)) (None without ids). ids: sorted per row by _sorted_slots."""
     dev = head.x.device
     tiles = _tiles(head)
     per, splits = vocab_splits(dev, n, v, tiles)
@@ -92,20 +93,21 @@ def head_lse(head: Head, n: int, v: int, T: float, labels: Optional[torch.Tensor
     lab = labels if labels is not None else part
     k = ids.shape[1] if ids is not None else 0
     kp = triton.next_power_of_2(max(k, 1))
-    zk = torch.empty((n, splits, kp) if ids is not None else (1,), dtype=torch.float32, device=dev)
+    # z at the ids: each slot is written by the one program whose tile holds its id; empty slots
+    # (and ids no tile holds) keep 0
+    zk = torch.zeros((n, kp) if ids is not None else (1,), dtype=torch.float32, device=dev)
     grid = (triton.cdiv(n, tiles.block_n), splits)
     _lse_kernel[grid](*head.args(), lab, part[0], part[1], part[2], ids if ids is not None else part,
                       ids.stride(0) if ids is not None else 0, k, part[3], zk, n, v, 1.0 / T, per, splits,
                       LINEAR=head.linear, HAS_BIAS=head.has_bias, HAS_CAP=head.has_cap,
                       IEEE=_ieee(head), TWO=two, HAS_LABEL=labels is not None, HAS_IDS=ids is not None,
-                      KP=kp, **tiles.launch())
+                      KP=kp, LOG_K=max(k, 1).bit_length(), **tiles.launch())
     lse_t = torch.logsumexp(part[0], 1)
     lse_1 = torch.logsumexp(part[1], 1) if two else None
     pick = part[2].sum(1) if labels is not None else None
     if ids is None:
         return lse_t, lse_1, pick, None, None
-    # each id lies in one split; the others hold exact zeros
-    return lse_t, lse_1, pick, torch.logsumexp(part[3], 1), zk.sum(1).contiguous()
+    return lse_t, lse_1, pick, torch.logsumexp(part[3], 1), zk
 
 
 def _student_lses(head: Head, n: int, v: int, labels: torch.Tensor, opts: KDOptions,
@@ -345,11 +347,25 @@ def _sparse_rows(zk, ids, vals, lse_b, lse_out, stats, v, opts: KDOptions, coef:
     return (c, dense) if coef else out
 
 
+def _sorted_ids(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each row's ids ascending with the empty slots (-1) last, int64; the slot order: sorted[:, j]
+    = ids[:, order[:, j]]). The streaming kernels walk a row's sorted ids with a cursor; the per-row
+    kernel keeps the caller's slot order, so its sums round as they always did. O(N k log k)."""
+    key = torch.where(ids >= 0, ids, torch.iinfo(ids.dtype).max)
+    order = key.argsort(1)
+    return ids.gather(1, order).to(torch.int64), order
+
+
 def linear_sparse_kd_forward(hs, ws, bs, ids, vals, labels, opts: KDOptions):
     s = linear_head(hs, ws, bs, opts.student_softcap)
     n, v = hs.shape[0], ws.shape[0]
     ids, vals = _row_major(ids), _row_major(vals)
-    lse_b, lse_1, ce, lse_o, zk = _student_lses(s, n, v, labels, opts, ids if opts.kd_weight or opts.divergence == "akl" else None)
+    need_ids = bool(opts.kd_weight) or opts.divergence == "akl"
+    ids_s, order = _sorted_ids(ids) if need_ids else (None, None)
+    lse_b, lse_1, ce, lse_o, zk = _student_lses(s, n, v, labels, opts, ids_s)
+    if zk is not None:    # z at the sorted ids back to the caller's slot order
+        k = ids.shape[1]
+        zk = torch.zeros_like(zk).scatter_(1, order, zk[:, :k])
     loss = torch.zeros_like(lse_b)
     stats = torch.zeros((n, 4), dtype=torch.float32, device=hs.device)
     if opts.divergence == "akl":
@@ -400,18 +416,21 @@ def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, o
                                   coef=True)
     else:
         lpk = dense = stats
+    ids_s, order = _sorted_ids(ids)
+    if has_kd:            # the teacher's log-probs in the sorted slot order of the grad kernel
+        lpk = lpk.gather(1, order)
     tiles = linear_tiles(hs.device)
     lw, l1mw = _mix_logs(opts)
 
     def write_chunk(g, c0, c1):
         grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(c1 - c0, tiles.block_v))
-        _sparse_grad_kernel[grid](s.x, s.sxn, s.w, s.swv, s.b, s.H, s.cap, ids, ids.stride(0), lpk,
+        _sparse_grad_kernel[grid](s.x, s.sxn, s.w, s.swv, s.b, s.H, s.cap, ids_s, ids_s.stride(0), lpk,
                                   dense, labels, stats, akl if akl is not None else stats, grad_rows,
                                   g, g.stride(0), n, v, k, c0, c1,
                                   1.0 / opts.temperature, opts.kd_scale / opts.temperature,
                                   float(opts.ce_weight), lw, l1mw, DIV=_div_code(opts), HAS_KD=has_kd,
                                   HAS_DENSE=opts.tail != "renorm_both", HAS_CE=opts.ce_weight != 0,
                                   HAS_BIAS=s.has_bias, HAS_CAP=s.has_cap, IEEE=_ieee(s),
-                                  **tiles.launch())
+                                  LOG_K=max(k, 1).bit_length(), **tiles.launch())
 
     return head_backward(s.x, s.w, bs, need, opts, write_chunk, grad_rows)

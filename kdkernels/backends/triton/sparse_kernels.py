@@ -1,7 +1,9 @@
 """Kernels of the cached sparse teacher (fused_linear_sparse_kd_loss), docs/semantics.md "Sparse".
 
-Per row, K = valid ids (id >= 0) of k slots, b = z / T, z = softcap(h W^T + bias). The logits at
-K, zK, come from dense_kernels._lse_kernel (HAS_IDS), picked from the same tiles as the LSE.
+Per row, K = valid ids (id >= 0) of k slots, b = z / T, z = softcap(h W^T + bias). The host sorts
+each row's slots by id (empty slots last) once per forward and backward, so that the streaming
+kernels visit a row's ids with a cursor (tl_utils.first_id_at_least / load_id). The logits at K, zK,
+come from dense_kernels._lse_kernel (HAS_IDS), picked from the same tiles as the LSE.
 
   _sparse_rows_kernel  the k + 1 outcomes (bucket / renorm_teacher: K plus the tail P, Q with
                        Q = 1 - sum_K q from the full-vocabulary LSE(b) while Q >= 1/2, else the
@@ -18,14 +20,17 @@ K, zK, come from dense_kernels._lse_kernel (HAS_IDS), picked from the same tiles
   _sparse_grad_kernel  g_j = grad_row * dz/dx_j * [kd_scale/T (qh_j - q_j S) at j in K,
                        dense_coef q_j outside K, + ce_w (softmax(z)_j - [j = y])] for columns
                        [c_start, c_end), recomputing the logit tile with tl.dot; K is marked in
-                       the tile by a loop over the slots (no scatter, no atomics), so q_j and
-                       qh_j at K come from the recomputed tile itself. Writes one (rows, cols) block.
+                       the tile by a cursor over the row's sorted ids inside the tile's columns
+                       (a bisection finds the first; one compare pass per id the tile holds; no
+                       scatter, no atomics), so q_j and qh_j at K come from the recomputed tile
+                       itself. Writes one (rows, cols) block.
                        AKL (DIV 6): qh_j = -w_h p_j + w_t q_j (lq_j - lp_j), [w_h, w_t] from akl_ptr.
 """
 import triton
 import triton.language as tl
 
-from .tl_utils import NEG_INF, akl_qh, akl_terms, element_terms, linear_tile, log1mexp, masked_lse
+from .tl_utils import (NEG_INF, akl_qh, akl_terms, element_terms, first_id_at_least, linear_tile, load_id,
+                       log1mexp, masked_lse)
 
 
 @triton.jit
@@ -144,9 +149,11 @@ def _sparse_grad_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, H, cap, ids_p
                         DIV: tl.constexpr,
                         HAS_KD: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_CE: tl.constexpr,
                         HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, IEEE: tl.constexpr,
+                        LOG_K: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """stats rows: [LSE(b), LSE(z), h_Q, S] (LSE(b) over K for renorm_both); akl_ptr (N, 2) =
-    [w_h, w_t], read for DIV 6 only."""
+    [w_h, w_t], read for DIV 6 only. ids ascending per row, empty slots last; lpk in that slot
+    order; LOG_K = K.bit_length()."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -159,12 +166,19 @@ def _sparse_grad_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, H, cap, ids_p
     if HAS_KD:
         in_k = tl.zeros((BLOCK_N, BLOCK_V), tl.int1)
         lp = tl.full((BLOCK_N, BLOCK_V), NEG_INF, tl.float32)
-        for i in range(0, K):
-            idx = tl.load(ids_ptr + rows * stride_in + i, mask=rmask, other=-1)
-            lpi = tl.load(lpk_ptr + rows * K + i, mask=rmask, other=NEG_INF)
-            hit = cols[None, :] == idx[:, None]
+        c0 = c_start + pid_v * BLOCK_V
+        c1 = tl.minimum(c0 + BLOCK_V, c_end)
+        cur = first_id_at_least(ids_ptr, stride_in, rows, rmask, K, c0, LOG_K)
+        nxt = load_id(ids_ptr, stride_in, rows, rmask, cur, K)
+        inside = nxt < c1
+        while tl.max(inside.to(tl.int32), 0) > 0:
+            hit = (cols[None, :] == nxt[:, None]) & inside[:, None]
+            lpi = tl.load(lpk_ptr + rows.to(tl.int64) * K + cur, mask=inside, other=NEG_INF)
             in_k = in_k | hit
             lp = tl.where(hit, lpi[:, None], lp)
+            cur += inside.to(tl.int32)
+            nxt = load_id(ids_ptr, stride_in, rows, rmask, cur, K)
+            inside = nxt < c1
         lse = tl.load(stats_ptr + rows * 4 + 0, mask=rmask, other=0.0)
         S = tl.load(stats_ptr + rows * 4 + 3, mask=rmask, other=0.0)
         lq = z * inv_T - lse[:, None]

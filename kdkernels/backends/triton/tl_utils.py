@@ -92,6 +92,36 @@ def masked_lse(x, valid, axis: tl.constexpr):
 
 
 # ------------------------------------------------------------------------------------------------
+# sorted ids of a sparse teacher: per-row cursors instead of a pass per slot
+#
+# A row's K slots hold its ids in ascending order with the empty slots (-1) last (the host sorts
+# them). A cursor is a slot index per row; a tile of columns [c0, c1) visits only the ids inside
+# it, so a tile costs one compare pass per id it holds (the most any row of the block holds),
+# not K passes.
+
+
+@triton.jit
+def load_id(ids_ptr, stride_in, rows, rmask, cur, K):
+    """The id at slot `cur` of each row; 2^31 - 1 (beyond every column) past the row's ids."""
+    x = tl.load(ids_ptr + rows.to(tl.int64) * stride_in + cur, mask=rmask & (cur < K), other=-1)
+    return tl.where(x >= 0, x, 2147483647)
+
+
+@triton.jit
+def first_id_at_least(ids_ptr, stride_in, rows, rmask, K, c, LOG_K: tl.constexpr):
+    """Per row, the first slot whose id is >= c (or empty): a bisection, LOG_K >= log2(K + 1)."""
+    lo = tl.zeros(rows.shape, tl.int32)
+    hi = tl.zeros(rows.shape, tl.int32) + K
+    for _ in tl.static_range(LOG_K):
+        mid = (lo + hi) // 2
+        active = lo < hi
+        below = load_id(ids_ptr, stride_in, rows, rmask, mid, K) < c
+        hi = tl.where(active & ~below, mid, hi)
+        lo = tl.where(active & below, mid + 1, lo)
+    return lo
+
+
+# ------------------------------------------------------------------------------------------------
 # logit tiles
 
 
