@@ -271,3 +271,38 @@ def test_rejected_and_dispatch():
     with pytest.raises(ValueError, match="weights"):
         kdkernels.fused_linear_sparse_kd_loss(hs, ws, ids, vals.exp(), divergence="akl", values="weights",
                                               backend="triton")
+
+
+@pytest.mark.parametrize("divergence", ["akl", "forward_kl"])
+def test_sparse_id_cursor_edge_cases(divergence):
+    """The sparse kernels walk each row's sorted ids with a cursor (docs/triton.md): ids packed
+    into one tile, on both sides of tile (256), split (768) and backward-chunk edges, the last
+    column, a row of empty slots, a row whose ids all lie in the last partial tile; shuffled slots.
+    Forward stats and dh, dW against the torch backend and float64."""
+    g = torch.Generator().manual_seed(21)
+    n, v, h, k = 9, 1031, 16, 12
+    rows = [list(range(12)), [255, 256, 511, 512, 767, 768, 0, 1030, 300, 301, -1, -1],
+            [-1] * k, list(range(1019, 1031)), [5, 700, 1000, 255, 257, 766, 769, -1, 2, 3, 4, 6],
+            list(range(250, 262)), list(range(760, 772)), [1030, 0, -1, 512, -1, -1, -1, 9, 8, 7, 6, 5],
+            list(range(100, 1031, 80))[:k]]
+    ids = torch.tensor(rows)
+    ids = ids.gather(1, torch.argsort(torch.rand(n, k, generator=g), 1))
+    hs, ws = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g) * 0.7
+    lp = torch.log_softmax(torch.randn(n, v, generator=g, dtype=torch.float64) * 2, 1)
+    vals = torch.where(ids >= 0, lp.gather(1, ids.clamp_min(0)), 0.0)
+    labels = torch.randint(0, v, (n,), generator=g)
+    opts = KDOptions(divergence=divergence, ce_weight=0.2, temperature=1.2, chunk_bytes=n * 4 * 256)
+    go = torch.linspace(0.5, 1.5, n)
+    w = torch.rand(n, 1, generator=g)
+    w = torch.cat([w, 1 - w], 1)
+    res = {}
+    for name, mod, dt in (("triton", U.TRITON, torch.float32), ("torch", U.TORCH, torch.float32),
+                          ("truth", U.TORCH, torch.float64)):
+        a, b, vv = hs.to(dt), ws.to(dt), vals.to(dt)
+        loss, stats = mod.linear_sparse_kd_forward(a, b, None, ids, vv, labels, opts)
+        kw = dict(akl_weights=w.to(dt)) if divergence == "akl" else {}
+        dh, dw, _ = mod.linear_sparse_kd_backward(a, b, None, ids, vv, labels, stats, go, opts,
+                                                  (True, True, False), **kw)
+        res[name] = (loss, stats[:, -5:] if divergence == "akl" else stats[:, [0, 2, 3]], dh, dw)
+    for i, what in enumerate(("loss", "stats", "dh", "dw")):
+        U.assert_close_to_reference(what, res["triton"][i], res["torch"][i], res["truth"][i].float())
