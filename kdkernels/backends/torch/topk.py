@@ -7,13 +7,16 @@ linear_sample: inverse CDF of softmax(z/T) at sorted uniforms u (float64): sampl
               probability 0 is never drawn). Two levels, so that nothing of size V runs in float64:
                 e_j   = exp(z_j/T - max z/T)                    fp32, in place (e_j = p_j * Z)
                 E_b   = sum of e over column block b of _BLOCK  fp32 sums, then a float64 cumsum C_b
-                draw  = block b = #{C_b <= u Z}, then inside b the float64 cumsum of its e from C_(b-1)
+                draw  = block b = #{C_b <= u Z}, then in b the first j whose fp32 cumsum of e from
+                        the block's start exceeds u Z - C_(b-1)
               CDF(V-1) = Z = C_(nb-1) and LSE = max + log Z. The CDF differs from the exact one by
-              fp32 rounding of the e_j and the block sums (~1e-7 relative), so a draw can differ from a
-              float64 reference only when u Z falls that close to a CDF step. If rounding leaves u Z
-              past the in-block cumsum, the draw is the block's last token of positive probability
+              fp32 rounding of the e_j and of the block sums (~1e-7 relative), so a draw can differ
+              from a float64 reference only when u Z falls that close to a CDF step. If rounding leaves
+              u Z past the in-block cumsum, the draw is the block's last token of positive probability
               (its last token if it has none: only for u >= 1, NaN or all -inf logits).
-              Per row: one exp pass over V, V / _BLOCK sums, draws x _BLOCK float64 work.
+              Per row: one max, exp and block-sum pass over V (on ~1 MiB of rows at a time, so the
+              passes hit the cache), V / _BLOCK float64 sums, draws x _BLOCK fp32 in-block work.
+              The logits of at most _MAX_ROWS rows go to one buffer reused for every block of rows.
 Blocks of rows keep the (rows, V) temporaries within opts.chunk_bytes.
 """
 from __future__ import annotations
@@ -75,6 +78,22 @@ def linear_topk(h, w, bias, k: int, opts: KDOptions):
 
 
 _BLOCK = 64   # columns per partial sum of linear_sample (V / _BLOCK sums + draws x _BLOCK per row)
+_MAX_ROWS = 512  # rows per linear_sample block: a larger logits buffer only adds page faults
+_CACHE_BYTES = 1 << 20  # the max / exp / block-sum passes run on this many bytes of rows at a time
+
+
+def _logits_into(buf: torch.Tensor, h, w, bias, cap) -> torch.Tensor:
+    """linear_logits(h, w, bias, cap), written into buf[:rows] when the GEMM runs in the buffer's
+    dtype (fp32 / fp64 inputs): the same operations in the same order, so the same bits, without a
+    fresh (rows, V) tensor per block (its page faults cost ~10% of the GEMM)."""
+    if h.dtype != buf.dtype:
+        return linear_logits(h, w, bias, cap)
+    z = torch.mm(h, w.T, out=buf[:h.shape[0]])
+    if bias is not None:
+        z.add_(bias)
+    if cap is not None:
+        z.div_(cap).tanh_().mul_(cap)
+    return z
 
 
 def linear_sample(h, w, bias, uniforms: torch.Tensor, opts: KDOptions):
@@ -85,19 +104,27 @@ def linear_sample(h, w, bias, uniforms: torch.Tensor, opts: KDOptions):
     lse = h.new_empty(n, dtype=torch.float32)
     nb, full = -(-v // _BLOCK), v // _BLOCK * _BLOCK
     offs = torch.arange(_BLOCK, device=h.device)
-    step = row_block(n, v, opts.chunk_bytes, 3)
+    step = min(row_block(n, v, opts.chunk_bytes, 3), _MAX_ROWS)
+    buf = (h.new_empty(step, v) if h.dtype in (torch.float32, torch.float64)
+           else h.new_empty(0, dtype=torch.float32))
+    sub = max(1, _CACHE_BYTES // (v * buf.element_size()))
     for r in range(0, n, step):
         s = slice(r, r + step)
-        z = linear_logits(h[s], w, bias, opts.student_softcap)   # a fresh tensor: updated in place
+        z = _logits_into(buf, h[s], w, bias, opts.student_softcap)   # ours: updated in place
         rows = z.shape[0]
-        if opts.temperature != 1.0:
-            z.div_(opts.temperature)
-        m = z.amax(1, keepdim=True)
-        m = torch.where(m == float("-inf"), torch.zeros_like(m), m)   # all -inf row: e = 0
-        e = z.sub_(m).exp_()
-        sums = e[:, :full].unflatten(1, (full // _BLOCK, _BLOCK)).sum(2)
-        if full < v:
-            sums = torch.cat([sums, e[:, full:].sum(1, keepdim=True)], 1)
+        m = z.new_empty(rows, 1)
+        sums = z.new_empty(rows, nb)
+        for a in range(0, rows, sub):                 # a few rows at a time: they stay in cache
+            zz, ma = z[a:a + sub], m[a:a + sub]
+            if opts.temperature != 1.0:
+                zz.div_(opts.temperature)
+            torch.amax(zz, 1, keepdim=True, out=ma)
+            ma.masked_fill_(ma == float("-inf"), 0.0)                 # all -inf row: e = 0
+            e = zz.sub_(ma).exp_()
+            sums[a:a + sub, :full // _BLOCK] = e[:, :full].unflatten(1, (full // _BLOCK, _BLOCK)).sum(2)
+            if full < v:
+                sums[a:a + sub, -1] = e[:, full:].sum(1)
+        e = z
         cdf = sums.double().cumsum_(1)                                # C_b, (rows, nb)
         total = cdf[:, -1:]
         lse[s] = (m.double() + total.log()).squeeze(1).float()
