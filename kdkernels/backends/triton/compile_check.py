@@ -101,8 +101,8 @@ def _configs(full: bool):
         yield ("_sample_kernel", K._sample_kernel,
                {**head_args, "u_ptr": "*fp64", "stride_un": "i32", "out_ptr": "*i64", "lse_ptr": "*fp32",
                 "N": "i32", "V": "i32", "D": "i32", "inv_T": "fp32"},
-               {"HAS_BIAS": True, "HAS_CAP": True, "IEEE": ieee, "BLOCK_D": 16, "BLOCK_N": 16, "BLOCK_V": 64,
-                "BLOCK_H": 64}, dict(num_warps=4))
+               {"HAS_BIAS": True, "HAS_CAP": True, "IEEE": ieee, "BLOCK_D": 16, "BLOCK_N": 64, "BLOCK_V": 64,
+                "BLOCK_H": 64}, dict(num_warps=8))
 
 
 def compile_one(kernel, types: dict, consts: dict, arch: int, options: dict):

@@ -12,14 +12,20 @@ _topk_kernel    running top-k per row plus the online LSE. A candidate is one in
                 row and vocabulary split (grid axis 1), merged on the host.
 _sample_kernel  loop 1: online LSE and the total mass sum_j exp(z_j - LSE) in fp64;
                 loop 2: running fp64 CDF; draw r = #{j : CDF(j) <= u_r * total} (the smallest j with
-                CDF(j) > u_r * total), capped at the last id of nonzero probability so rounding never
-                draws a zero-probability token. Counts accumulate in the output (only this program
-                touches its rows). Reads 2 (N*H + (N / BLOCK_N) V*H) elements; writes D ids + 1 LSE per row.
+                CDF(j) > u_r * total). The draws are sorted, so a per-row cursor walks them: a tile
+                settles the draws whose threshold lies below the CDF at its end, one (rows, cols)
+                compare each (the trip count is the most draws any row of the block has in the
+                tile; most tiles have none), and writes each draw once. Draws left over (rounding
+                put u_r * total at or past the row's final CDF) take the last id of nonzero
+                probability, so rounding never draws a zero-probability token.
+                Reads 2 (N*H + (N / BLOCK_N) V*H) elements; writes D ids + 1 LSE per row.
 """
 import triton
 import triton.language as tl
 
 from .tl_utils import NEG_INF, linear_tile, lse_finish, lse_update
+
+POS_INF = tl.constexpr(float("inf"))   # jit code reads only constexpr globals
 
 
 @triton.jit
@@ -77,6 +83,14 @@ def _topk_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, H, cap, keys_ptr, ls
 
 
 @triton.jit
+def _threshold(u_ptr, stride_un, rows, rmask, cur, D, total):
+    """u[row, cur] * total in fp64; +inf past the row's draws (never below a CDF)."""
+    ok = rmask & (cur < D)
+    u = tl.load(u_ptr + rows.to(tl.int64) * stride_un + cur, mask=ok, other=0.0)
+    return tl.where(ok, u * total, POS_INF)
+
+
+@triton.jit
 def _sample_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, H, cap, u_ptr, stride_un, out_ptr,
                    lse_ptr, N, V, D, inv_T, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr,
                    IEEE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -102,9 +116,10 @@ def _sample_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, H, cap, u_ptr, str
     tl.store(lse_ptr + rows, lse, mask=rmask)
     lse64 = lse.to(tl.float64)
     total = s64 * tl.exp(tl.where(m64 == NEG_INF, 0.0, m64) - lse64)
-    # counts start at 0 in the output (the host zero-fills it)
     run = tl.zeros((BLOCK_N,), tl.float64)
     last = tl.zeros((BLOCK_N,), tl.int64)
+    cur = tl.zeros((BLOCK_N,), tl.int32)          # draws settled so far, per row
+    t = _threshold(u_ptr, stride_un, rows, rmask, cur, D, total)
     for c0 in range(0, V, BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V)
         z = linear_tile(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, rows, cols, N, V, H, cap,
@@ -114,18 +129,17 @@ def _sample_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, H, cap, u_ptr, str
         cdf = tl.cumsum(p, axis=1) + run[:, None]
         run = tl.max(cdf, 1)
         last = tl.maximum(last, tl.max(tl.where(p > 0, cols[None, :], 0), 1).to(tl.int64))
-        for d0 in range(0, D, BLOCK_D):
-            dr = d0 + tl.arange(0, BLOCK_D)
-            dmask = rmask[:, None] & (dr < D)[None, :]
-            u = tl.load(u_ptr + rows[:, None] * stride_un + dr[None, :], mask=dmask, other=2.0)
-            t = u * total[:, None]
-            below = (cdf[:, None, :] <= t[:, :, None]).to(tl.int64)
-            optr = out_ptr + rows[:, None] * D + dr[None, :]
-            cnt = tl.load(optr, mask=dmask, other=0)
-            tl.store(optr, cnt + tl.sum(below, 2), mask=dmask)
+        # every earlier column has CDF <= run before this tile <= t, so the draw is c0 + the
+        # number of this tile's columns with CDF <= t (columns past V carry CDF = run > t)
+        inside = t < run
+        while tl.max(inside.to(tl.int32), 0) > 0:
+            cnt = tl.sum((cdf <= t[:, None]).to(tl.int64), 1)
+            tl.store(out_ptr + rows.to(tl.int64) * D + cur, c0 + cnt, mask=inside)
+            cur += inside.to(tl.int32)
+            t = _threshold(u_ptr, stride_un, rows, rmask, cur, D, total)
+            inside = t < run
     for d0 in range(0, D, BLOCK_D):
         dr = d0 + tl.arange(0, BLOCK_D)
-        dmask = rmask[:, None] & (dr < D)[None, :]
-        optr = out_ptr + rows[:, None] * D + dr[None, :]
-        cnt = tl.load(optr, mask=dmask, other=0)
-        tl.store(optr, tl.minimum(cnt, last[:, None]), mask=dmask)
+        left = rmask[:, None] & (dr < D)[None, :] & (dr[None, :] >= cur[:, None])
+        tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + dr[None, :],
+                 last[:, None] + tl.zeros((BLOCK_N, BLOCK_D), tl.int64), mask=left)

@@ -50,15 +50,18 @@ def linear_sample(h, w, bias, uniforms: torch.Tensor, opts: KDOptions):
     d = uniforms.shape[1]
     dev = h.device
     u = uniforms.to(torch.float64).contiguous()
-    out = torch.zeros((n, d), dtype=torch.int64, device=dev)
+    out = torch.empty((n, d), dtype=torch.int64, device=dev)     # every draw is written once
     lse = torch.empty(n, dtype=torch.float32, device=dev)
+    # no (rows, draws, cols) temporary any more (draws are settled by a cursor), so CUDA takes 64
+    # rows per program like the other LM-head kernels: W is streamed N / 64 times, not N / 16
+    # (not yet measured on a GPU); the fp64 CDF tile keeps the vocabulary tile at 64
     if dev.type == "cuda":
-        block_n, block_v, block_h, block_d = 16, 64, 64, 16
+        block_n, block_v, block_h, block_d, warps = 64, 64, 64, 16, 8
     else:
-        block_n, block_v, block_h, block_d = 64, 256, 64, 64
+        block_n, block_v, block_h, block_d, warps = 64, 256, 64, 64, 4
     _sample_kernel[(triton.cdiv(n, block_n),)](
         head.x, head.sxn, head.w, head.swv, head.b, head.H, head.cap, u, u.stride(0), out, lse, n, v, d,
         1.0 / opts.temperature, HAS_BIAS=head.has_bias, HAS_CAP=head.has_cap, IEEE=_ieee(head),
         BLOCK_D=min(block_d, triton.next_power_of_2(d)), BLOCK_N=block_n, BLOCK_V=block_v,
-        BLOCK_H=block_h, num_warps=4)
+        BLOCK_H=block_h, num_warps=warps)
     return out, lse
