@@ -23,15 +23,18 @@ import torch
 from .options import KDOptions
 
 PUBLIC = 5          # trailing stats columns of a backend's akl forward
+MU_TOL = 1e-6       # the head's mass counts as reaching mu within this
 _NEG_INF = float("-inf")
 
 
 def head_mask(lp_desc: torch.Tensor, valid: torch.Tensor, mu: float) -> torch.Tensor:
     """H among candidates sorted by descending teacher log-prob: a candidate is in H while the
-    teacher mass of the candidates before it is below mu (so H ends with the first to reach mu)."""
+    teacher mass of the candidates before it is below mu (so H ends with the first to reach mu).
+    "Below" means by more than MU_TOL: sampled caches hold multiples of 1/draws, whose running sums
+    hit mu exactly and would otherwise fall on either side of it by rounding (docs/semantics.md)."""
     p = torch.where(valid, lp_desc.exp(), 0.0)
-    before = p.cumsum(1) - p
-    return valid & (before < mu)
+    before = p.double().cumsum(1) - p.double()
+    return valid & (before < mu - MU_TOL)
 
 
 def _row_chunks(n: int, per_row_bytes: int, budget: int):

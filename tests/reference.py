@@ -90,7 +90,7 @@ def akl(lp: torch.Tensor, lq: torch.Tensor, mu: float = 0.5, head_max: int = 256
         srt = torch.sort(lp[:, :c].gather(1, by_id), dim=1, descending=True, stable=True).indices
         order = by_id.gather(1, srt)[:, :head_max]
         ps = p.gather(1, order)
-        in_h = (ps.cumsum(1) - ps) < mu
+        in_h = (ps.cumsum(1) - ps) < mu - 1e-6     # "reaches mu" within 1e-6 (spec)
         g_head = torch.where(in_h, (ps - q.gather(1, order)).abs(), 0.0).sum(1)
         g_tail = ((p - q).abs().sum(1) - g_head).clamp_min(0.0)
         total = g_head + g_tail
