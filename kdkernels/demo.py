@@ -341,8 +341,10 @@ def main(args) -> int:
                 curve["eval_ppl"].append(m["ppl"])
                 say(f"  {name:>16} step {rec['step']:4d}  loss {rec['loss']:.3f}  held-out KL "
                     f"{m['kl']:.3f}  ppl {m['ppl']:.1f}  {rec['tokens_per_s']:.0f} tok/s")
-        say(f"training student '{name}' ({sum(p.numel() for p in student.parameters()) / 1e6:.1f}M "
-            f"params, {args.layers} layers, hidden {args.hidden}) for {args.steps} steps")
+        n_all = sum(p.numel() for p in student.parameters())
+        n_train = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        say(f"training student '{name}' ({n_all / 1e6:.1f}M params, {n_train / 1e6:.2f}M trained, "
+            f"{args.layers} layers, hidden {args.hidden}) for {args.steps} steps")
         t0 = time.perf_counter()
         res = train(student, examples, cfg, log=on_log,
                     teacher=teacher if cfg.on_policy_fraction else None)
