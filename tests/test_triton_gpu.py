@@ -88,6 +88,44 @@ def test_topk_and_sample_bf16():
     assert (s.weights.sum(1) - 1).abs().max() < 1e-6
 
 
+def check_draws_against_cdf(draws: torch.Tensor, u: torch.Tensor, z64: torch.Tensor, tol: float) -> None:
+    """Raw draws of linear_sample against the float64 CDF of float64 logits z64: draw r is the
+    smallest j with CDF(j) > u_r, up to `tol` (the logits' rounding), and never a token of
+    probability 0."""
+    p = torch.softmax(z64, 1)
+    cdf = p.cumsum(1)
+    j = draws.long()
+    assert ((j >= 0) & (j < z64.shape[1])).all()
+    assert (p.gather(1, j) > 0).all(), "a token of probability 0 was drawn"
+    before = torch.where(j > 0, cdf.gather(1, (j - 1).clamp_min(0)), 0.0)
+    assert (before <= u + tol).all(), "a draw lies past its threshold"
+    assert (cdf.gather(1, j) > u - tol).all(), "a draw stops short of its threshold"
+    assert (draws[:, 1:] >= draws[:, :-1]).all(), "draws not nondecreasing"
+
+
+def test_sample_draws_against_float64_cdf():
+    """The draw cursor of _sample_kernel (docs/triton.md) on CUDA: peaked rows (most draws in one
+    tile), flat rows, -inf logits, thresholds at 0 and 1; fp32 inputs so the CDF differs from
+    float64's by rounding only."""
+    _cuda_triton()
+    from kdkernels.backends import triton as T
+    from kdkernels.options import KDOptions
+    g = torch.Generator(device="cuda").manual_seed(3)
+    n, h, v, d = 257, 256, 50257, 64
+    hs = torch.randn(n, h, device="cuda", generator=g)
+    hs[::2] *= 8                                   # peaked rows
+    ws = torch.randn(v, h, device="cuda", generator=g) / 16
+    bias = torch.zeros(v, device="cuda")
+    bias[1::7] = -float("inf")
+    u = torch.rand(n, d, device="cuda", generator=g, dtype=torch.float64).sort(1).values
+    u[0, 0], u[1, -1] = 0.0, 1.0
+    opts = KDOptions(temperature=0.7)
+    draws, lse = T.linear_sample(hs, ws, bias, u, opts)
+    z64 = (hs.double() @ ws.double().T + bias.double()) / 0.7
+    check_draws_against_cdf(draws, u, z64, tol=1e-4)   # fp32 logits: CDF rounding ~1e-6
+    assert torch.allclose(lse.double(), torch.logsumexp(z64, 1), rtol=0, atol=1e-4)
+
+
 def test_memory_bound_and_determinism():
     """Extra memory of the sparse fused loss (fwd + bwd) stays within chunk_bytes + the fp32 dh
     accumulator (4 N H) + the masked hidden copy (2 N H) + O(N (k + splits)) (docs/triton.md), far
