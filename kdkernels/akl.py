@@ -96,7 +96,9 @@ def finish_logits(loss_ce, stats, zs: torch.Tensor, zt: torch.Tensor, opts: KDOp
     lp_h = torch.empty(n, m, dtype=stats.dtype, device=zt.device)
     ids = torch.empty(n, m, dtype=torch.int64, device=zt.device)
     for s in _row_chunks(n, v * 4 * 3, opts.chunk_bytes):
-        vals, idx = topk_smallest_id_ties(zt[s].to(stats.dtype), m)
+        x = zt[s].to(stats.dtype)
+        x = torch.where(torch.isnan(x), _NEG_INF, x)   # ignored rows may hold anything
+        vals, idx = topk_smallest_id_ties(x, m)
         lp_h[s], ids[s] = vals / opts.temperature - lse_p[s].unsqueeze(1), idx
     mask = head_mask(lp_h, torch.ones_like(ids, dtype=torch.bool), opts.mu)
     z_h = torch.where(mask, zs.gather(1, ids).to(stats.dtype), 0.0)
@@ -108,6 +110,11 @@ def finish_linear(loss_ce, stats, backend, hs, ws, bs, ht, wt, bt, opts: KDOptio
     import dataclasses
     m = min(opts.akl_head_max, ws.shape[0])
     t_opts = dataclasses.replace(opts, divergence="forward_kl", student_softcap=opts.teacher_softcap)
+    if m > getattr(backend, "MAX_TOPK", m):
+        raise ValueError(f"akl_head_max={opts.akl_head_max} exceeds what backend "
+                         f"{backend.NAME!r}'s linear_topk supports ({backend.MAX_TOPK}) for the "
+                         f"teacher's head set")
+    ht = torch.where(row_mask.unsqueeze(1), ht, 0.0)   # ignored rows may hold anything
     lp_h, ids, _ = backend.linear_topk(ht, wt, bt, m, t_opts)
     lp_h = lp_h.to(stats.dtype)
     mask = head_mask(lp_h, torch.ones_like(ids, dtype=torch.bool), opts.mu)

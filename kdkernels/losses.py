@@ -160,6 +160,7 @@ class _KDLoss(torch.autograd.Function):
         loss_rows, stats = backend.kd_forward(zs, zt, rows.ce_labels, opts)
         w = None
         if opts.divergence == "akl":
+            V.finite_loss(stats[:, -1], rows.mask, "student_logits or teacher_logits")
             loss_rows, w = A.finish_logits(loss_rows, stats, zs, zt, opts, rows.mask)
         V.finite_loss(loss_rows, rows.mask, "student_logits or teacher_logits")
         ctx.save_for_backward(zs, zt, rows.ce_labels, rows.mask, rows.denom, stats, w)
@@ -227,6 +228,7 @@ class _LinearKDLoss(torch.autograd.Function):
         loss_rows, stats = backend.linear_kd_forward(hs, ws, bs, ht, wt, bt, rows.ce_labels, opts)
         w = None
         if opts.divergence == "akl":
+            V.finite_loss(stats[:, -1], rows.mask, "the hidden states or LM-head weights")
             loss_rows, w = A.finish_linear(loss_rows, stats, backend, hs, ws, bs, ht, wt, bt, opts,
                                            rows.mask)
         V.finite_loss(loss_rows, rows.mask, "the hidden states or LM-head weights")
@@ -288,6 +290,7 @@ class _LinearSparseKDLoss(torch.autograd.Function):
         loss_rows, stats = backend.linear_sparse_kd_forward(hs, ws, bs, ids, vals, rows.ce_labels, opts)
         w = None
         if opts.divergence == "akl":
+            V.finite_loss(stats[:, -1], rows.mask, "student_hidden or student_weight")
             loss_rows, w = A.finish_sparse(loss_rows, stats, hs, ws, bs, ids, vals, opts, rows.mask)
         V.finite_loss(loss_rows, rows.mask, "student_hidden or student_weight")
         ctx.save_for_backward(hs, ws, bs, ids, vals, rows.ce_labels, rows.mask, rows.denom, stats, w)

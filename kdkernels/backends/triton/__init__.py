@@ -14,6 +14,7 @@ import sys
 from typing import Optional
 
 NAME = "triton"
+MAX_TOPK = 256   # linear_topk's largest k (heads.MAX_K; kept here so that reading it imports no kernel)
 # Public ops not implemented yet (kdkernels.dispatch: an explicit request raises, "auto" skips us).
 UNSUPPORTED_OPS: tuple = ()
 _KERNELS = ("losses", "heads")
