@@ -25,8 +25,9 @@ summary="$OUT_DIR/summary.txt"
 
 pack() { tar czf "$OUT_DIR/results.tar.gz" -C "$WORK" --exclude=ext . 2>/dev/null; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
-stage() {  # stage NAME SECONDS CMD...   (SECONDS is capped by the budget left)
+stage() {  # stage NAME SECONDS CMD...   (SECONDS is capped by the budget left; SKIP="NAME ..." skips)
     local name=$1 limit=$2; shift 2
+    case " ${SKIP:-} " in *" $name "*) echo "$name: skipped (SKIP)" | tee -a "$summary"; return;; esac
     local l=$(left); [ "$l" -lt "$limit" ] && limit=$l
     if [ "$limit" -lt 15 ]; then echo "$name: skipped (budget spent)" | tee -a "$summary"; return; fi
     local t=$(date +%s)
@@ -58,10 +59,19 @@ stage tests_other 45 "$PY" -m pytest tests -q -p no:cacheprovider -m "not slow" 
 
 # 2. Kernel benchmarks at issue 3's shapes (bf16, N=16384, H=4096, V=128256, k=64), every provider
 #    but torch.compile; then the bench CLI's quick CUDA sweep.
-stage gpu_kernels 120 "$PY" benchmarks/gpu_kernels.py --out "$WORK/gpu_kernels" \
-    --providers naive,torch,triton,native,liger,gemm
+stage gpu_kernels ${KERNELS_LIMIT:-120} "$PY" benchmarks/gpu_kernels.py --out "$WORK/gpu_kernels" \
+    --ops ${KERNEL_OPS:-sparse,dense,kd,topk,sample} --providers ${KERNEL_PROVIDERS:-naive,torch,triton,native,liger,gemm}
 stage bench 60 "$PY" -m kdkernels bench --device cuda --out "$WORK/bench" \
     --providers naive kdkernels-torch kdkernels-triton kdkernels-native liger cce
+# 3. Cache build overhead vs the teacher's forward (issue 4) with the SmolLM2-135M architecture at
+#    random weights, when its config and tokenizer were carried (gpu_carry/smol, not in git).
+if [ -f gpu_carry/smol/config.json ]; then
+    for be in native triton; do
+        stage cache_measure_$be ${MEASURE_LIMIT:-75} "$PY" -m kdkernels.cache.measure gpu_carry/smol \
+            --random-init --device cuda --dtype bfloat16 --tokens ${MEASURE_TOKENS:-32768} --rounds 2 \
+            --backend $be --out "$WORK/cm_$be"
+    done
+fi
 [ -n "${EXTRA_STAGE:-}" ] && stage extra 120 bash -c "$EXTRA_STAGE"
 echo "total $(( $(date +%s) - T0 ))s" | tee -a "$summary"
 pack
