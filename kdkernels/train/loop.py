@@ -141,6 +141,13 @@ def _sync_start(model: torch.nn.Module) -> None:
         torch.distributed.broadcast(t.data, src=0)
 
 
+def _fsdp_helpers(model: torch.nn.Module):
+    """kdkernels.distributed.fsdp when fully_shard (FSDP2) was applied to the student, else None.
+    Imported here; it imports FSDP only when the caller already did."""
+    from ..distributed import fsdp
+    return fsdp if fsdp.is_fsdp2(model) else None
+
+
 def _sum_grads(params) -> None:
     """Sum the step's gradients over the ranks (a parameter unused on a rank contributes 0)."""
     for p in params:
@@ -161,17 +168,22 @@ def train(model: torch.nn.Module, data: Sequence[dict], cfg: TrainConfig, *,
     With cfg.on_policy_fraction > 0, `teacher` (required) scores the student's rollouts and the
     other micro-batches use their cached slots when they have them (docs/onpolicy.md).
     """
-    device = _device(cfg.device)
+    FS = _fsdp_helpers(model)            # FSDP2 student (docs/scaling.md), else None
+    fsdp = FS is not None
+    device = FS.train_device(model, cfg.device) if fsdp else _device(cfg.device)
     use_bf16 = (device.type == "cuda") if cfg.bf16 is None else cfg.bf16
     collate_fn = collate_fn or (lambda ex: collate(ex, cfg.pad_id, cfg.ignore_index))
     obj = cfg.objective()
     torch.manual_seed(cfg.seed)
-    model.to(device).train()
-    student = lm_parts(model)
+    (model if fsdp else model.to(device)).train()     # FSDP2 placed its shards already
+    student = lm_parts(model)        # under FSDP2 the head is read inside call_as_forward instead
     t_parts: Optional[LMParts] = None
     if teacher is not None:
         teacher.to(device).eval().requires_grad_(False)
         t_parts = lm_parts(teacher)
+    if fsdp and (cfg.on_policy_fraction != 0 or cfg.domain_reweight):
+        raise NotImplementedError("on-policy batches and domain_reweight are not supported with an "
+                                  "FSDP2 student yet")
     onp = OP.OnPolicy(cfg, model, student, t_parts) if cfg.on_policy_fraction != 0 else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
@@ -192,7 +204,9 @@ def train(model: torch.nn.Module, data: Sequence[dict], cfg: TrainConfig, *,
     step, history = 0, []
     if cfg.out_dir and cfg.resume:
         restored = ckpt.load(cfg.out_dir, model=model, optimizer=opt, scheduler=sched,
-                             map_location=device)
+                             map_location="cpu" if fsdp else device,
+                             set_state=(lambda ms, os_: FS.load_full_state(model, opt, ms, os_))
+                             if fsdp else None)
         if restored is not None:
             step, extra = restored
             history = extra.get("history", [])
@@ -201,16 +215,18 @@ def train(model: torch.nn.Module, data: Sequence[dict], cfg: TrainConfig, *,
                 stats.load_state_dict(extra["domain_stats"])
 
     if world > 1:
-        _sync_start(model)
+        FS.sync_start(model) if fsdp else _sync_start(model)
 
     def save():
+        full = FS.full_state(model, opt) if fsdp else (None, None)   # a collective: every rank
         if rank != 0:
             torch.distributed.barrier()
             return
         extra = {"history": history, "config": asdict(cfg)}
         if ddk_on:
             extra.update(domain_weights=dom_w, domain_stats=stats.state_dict())
-        ckpt.save(cfg.out_dir, model=model, optimizer=opt, scheduler=sched, step=step, extra=extra)
+        ckpt.save(cfg.out_dir, model=model, optimizer=opt, scheduler=sched, step=step, extra=extra,
+                  model_state=full[0], optimizer_state=full[1])
         save_adapter(model, cfg.out_dir)      # PEFT students: out_dir/adapter (docs/lora.md)
         if world > 1:
             torch.distributed.barrier()
@@ -231,14 +247,21 @@ def train(model: torch.nn.Module, data: Sequence[dict], cfg: TrainConfig, *,
             n_all = torch.tensor([n_tokens], dtype=torch.int64, device=device)
             torch.distributed.all_reduce(n_all)
             n_tokens = int(n_all)
-        normalizer = torch.tensor(float(max(n_tokens, 1)), device=device)
+        # FSDP2 averages gradients over the ranks: each rank's losses use n / world (fsdp.py)
+        normalizer = torch.tensor(float(max(n_tokens, 1)) / (world if fsdp else 1), device=device)
         opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for b in micro:
+        for i, b in enumerate(micro):
             b = _to(b, device)
+            if fsdp:   # one reduce-scatter per step, in the last micro-batch's backward
+                model.set_requires_gradient_sync(i == len(micro) - 1)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 if onp is not None and b.get("on_policy", False):
                     loss, rows = onp.loss(b, normalizer), None
+                elif fsdp:   # a forward of the root group, so that the LM head is gathered; the
+                    # batch and normalizer stay in the closure (no forward-input dtype cast)
+                    loss, rows = FS.call_as_forward(model, lambda m, b=b: micro_batch_loss(
+                        lm_parts(m), b, obj, teacher=t_parts, normalizer=normalizer)[0]), None
                 else:
                     loss, rows = micro_batch_loss(
                         student, b, obj, teacher=t_parts if onp is None else onp.offline_teacher(b),
@@ -251,7 +274,11 @@ def train(model: torch.nn.Module, data: Sequence[dict], cfg: TrainConfig, *,
                 labels = b["labels"].reshape(-1)
                 row_dom = b["domain"][:, None].expand_as(b["labels"]).reshape(-1)
                 stats.add(rows, tce, labels != cfg.ignore_index, row_dom)
-        if world > 1:
+        if fsdp:   # FSDP averaged its (DTensor) gradients; each rank's loss is world x its share
+            FS.average_unsharded_grads(params, world)
+            torch.distributed.all_reduce(loss_sum)
+            loss_sum /= world
+        elif world > 1:
             _sum_grads(params)
             torch.distributed.all_reduce(loss_sum)
         grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -271,7 +298,7 @@ def train(model: torch.nn.Module, data: Sequence[dict], cfg: TrainConfig, *,
                    "tokens": n_tokens, "tokens_per_s": tok_since / max(now - t_last, 1e-9),
                    "peak_mem_bytes": peak_memory_bytes(device)}
             if grad_norm is not None:
-                rec["grad_norm"] = float(grad_norm)
+                rec["grad_norm"] = FS.scalar(grad_norm) if fsdp else float(grad_norm)
             if onp is not None:
                 rec["on_policy_micro_batches"] = sum(bool(b.get("on_policy", False)) for b in micro)
             if ddk_on:
