@@ -10,6 +10,7 @@ processes on CPU, a tiny Llama (hidden 32, 2 layers, V = 301, tied head) and a c
 - Resume: a run stopped after 2 steps (checkpoint: full state dicts written by rank 0) and resumed
   from a different initialization reproduces the uninterrupted run bitwise, and the checkpoint loads
   into a plain (unsharded) model.
+- fully_shard on submodules but not on the root is rejected with a ValueError before any collective.
 """
 from __future__ import annotations
 
@@ -89,6 +90,15 @@ def _worker(rank, world, port, out_dir):
         resumed = _sharded(seed=rank + 99)           # everything must come from the checkpoint
         res["history_resumed"] = train(resumed, data, _cfg(ACCUM, out_dir=ck), log=None).history
         res["params_resumed"] = _full(resumed)
+
+        from torch.distributed.fsdp import fully_shard
+        partial = _model(seed=0)
+        fully_shard(partial.model.layers[0])         # not the root: the head would stay unsharded
+        try:
+            train(partial, data, _cfg(ACCUM, steps=1), log=None)
+            res["partial"] = "no error"
+        except ValueError as e:
+            res["partial"] = str(e)
     except Exception:
         import traceback
         res["error"] = traceback.format_exc()
@@ -165,3 +175,8 @@ def test_fsdp2_resume_reproduces_uninterrupted_run(runs):
     plain.load_state_dict(ckpt["model"])
     for k, p in plain.named_parameters():
         assert torch.equal(p.detach(), ranks[0]["params"][k]), k
+
+
+def test_fsdp2_without_root_is_rejected(runs):
+    for res in runs[0]:
+        assert "not to the student itself" in res["partial"]

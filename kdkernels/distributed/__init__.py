@@ -7,6 +7,8 @@
 - Data parallel (DDP / FSDP2): `data_parallel_normalizer` (the global token normalizer across ranks
   and micro-batches), `LossForward` (the loss inside DDP's forward) and `call_as_forward` (the
   loss inside an FSDP2 module's forward, so the sharded LM head is gathered) in data_parallel.py.
+- kdkernels.train.train with an FSDP2 student: fsdp.py (detection, gradient averaging, full-state
+  checkpoints); `torchrun -m kdkernels.distributed.train_check` checks it on a machine.
 
 Importing this package does not initialize or query torch.distributed.
 """
