@@ -13,6 +13,9 @@ Under torch.distributed (a process group initialized by the caller, e.g. torchru
 ranks takes micro-batches m * W + rank of the step, n is all-reduced over the ranks, and the
 gradients are summed over the ranks after the step's backward passes: every rank then holds the
 gradient of the single-process step with grad_accum * W micro-batches (docs/scaling.md).
+A student sharded with FSDP2 (fully_shard per layer and at the root) runs each loss as a forward of
+the root (the LM head is gathered), with normalizer n / W because FSDP averages its reduce-scattered
+gradients, and checkpoints full state dicts (kdkernels/distributed/fsdp.py).
 """
 from __future__ import annotations
 
