@@ -84,9 +84,9 @@ def akl(lp: torch.Tensor, lq: torch.Tensor, mu: float = 0.5, head_max: int = 256
         p, q = lp.exp(), lq.exp()
         c = lp.shape[-1] if candidates is None else candidates
         # descending p, ties by the smaller token id (the column index, or `ids` of sparse slots)
-        by_id = (torch.arange(c).expand(lp.shape[0], c) if ids is None
-                 else torch.where(ids >= 0, ids, ids.max() + 1 + torch.arange(c)).argsort(1))
-        by_id = by_id.to(lp.device)
+        cols = torch.arange(c, device=lp.device)
+        by_id = (cols.expand(lp.shape[0], c) if ids is None
+                 else torch.where(ids >= 0, ids, ids.max() + 1 + cols).argsort(1))
         srt = torch.sort(lp[:, :c].gather(1, by_id), dim=1, descending=True, stable=True).indices
         order = by_id.gather(1, srt)[:, :head_max]
         ps = p.gather(1, order)
