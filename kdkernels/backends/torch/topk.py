@@ -62,24 +62,8 @@ def topk_smallest_id_ties(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     return vals, ids
 
 
-def linear_topk(h, w, bias, k: int, opts: KDOptions):
-    n, v = h.shape[0], w.shape[0]
-    logprobs = h.new_empty(n, k, dtype=torch.float32)
-    ids = h.new_empty(n, k, dtype=torch.int64)
-    lse = h.new_empty(n, dtype=torch.float32)
-    step = row_block(n, v, opts.chunk_bytes, 6)
-    for r in range(0, n, step):
-        s = slice(r, r + step)
-        z = linear_logits(h[s], w, bias, opts.student_softcap) / opts.temperature
-        lse[s] = torch.logsumexp(z, 1)
-        vals, ids[s] = topk_smallest_id_ties(z, k)
-        logprobs[s] = vals - lse[s].unsqueeze(1)
-    return logprobs, ids, lse
-
-
-_BLOCK = 64   # columns per partial sum of linear_sample (V / _BLOCK sums + draws x _BLOCK per row)
-_MAX_ROWS = 512  # rows per linear_sample block: a larger logits buffer only adds page faults
-_CACHE_BYTES = 1 << 20  # the max / exp / block-sum passes run on this many bytes of rows at a time
+_MAX_ROWS = 512         # rows per block of logits: a larger buffer only adds page faults
+_CACHE_BYTES = 1 << 20  # elementwise passes (max, exp, sums, LSE) run on this many bytes of rows
 
 
 def _logits_into(buf: torch.Tensor, h, w, bias, cap) -> torch.Tensor:
@@ -96,6 +80,38 @@ def _logits_into(buf: torch.Tensor, h, w, bias, cap) -> torch.Tensor:
     return z
 
 
+def _row_pieces(rows: int, v: int, itemsize: int):
+    """Slices of ~_CACHE_BYTES of rows: elementwise passes over them stay in the cache."""
+    sub = max(1, _CACHE_BYTES // (v * itemsize))
+    return [slice(a, a + sub) for a in range(0, rows, sub)]
+
+
+def linear_topk(h, w, bias, k: int, opts: KDOptions):
+    """Logits of <= _MAX_ROWS rows into one reused buffer; z / T in place and the row LSEs on
+    cache-sized pieces of rows (the same operations as on the whole block, so the same bits)."""
+    n, v = h.shape[0], w.shape[0]
+    logprobs = h.new_empty(n, k, dtype=torch.float32)
+    ids = h.new_empty(n, k, dtype=torch.int64)
+    lse = h.new_empty(n, dtype=torch.float32)
+    step = min(row_block(n, v, opts.chunk_bytes, 6), _MAX_ROWS)
+    buf = (h.new_empty(step, v) if h.dtype in (torch.float32, torch.float64)
+           else h.new_empty(0, dtype=torch.float32))
+    for r in range(0, n, step):
+        s = slice(r, r + step)
+        z = _logits_into(buf, h[s], w, bias, opts.student_softcap)   # ours: updated in place
+        ls = lse[s]
+        for p in _row_pieces(z.shape[0], v, z.element_size()):
+            if opts.temperature != 1.0:
+                z[p].div_(opts.temperature)
+            ls[p] = torch.logsumexp(z[p], 1)
+        vals, ids[s] = topk_smallest_id_ties(z, k)
+        logprobs[s] = vals - ls.unsqueeze(1)
+    return logprobs, ids, lse
+
+
+_BLOCK = 64   # columns per partial sum of linear_sample (V / _BLOCK sums + draws x _BLOCK per row)
+
+
 def linear_sample(h, w, bias, uniforms: torch.Tensor, opts: KDOptions):
     """Raw draws (N, draws) int64, nondecreasing per row (uniforms are sorted), and LSE (N,)."""
     n, v = h.shape[0], w.shape[0]
@@ -107,23 +123,22 @@ def linear_sample(h, w, bias, uniforms: torch.Tensor, opts: KDOptions):
     step = min(row_block(n, v, opts.chunk_bytes, 3), _MAX_ROWS)
     buf = (h.new_empty(step, v) if h.dtype in (torch.float32, torch.float64)
            else h.new_empty(0, dtype=torch.float32))
-    sub = max(1, _CACHE_BYTES // (v * buf.element_size()))
     for r in range(0, n, step):
         s = slice(r, r + step)
         z = _logits_into(buf, h[s], w, bias, opts.student_softcap)   # ours: updated in place
         rows = z.shape[0]
         m = z.new_empty(rows, 1)
         sums = z.new_empty(rows, nb)
-        for a in range(0, rows, sub):                 # a few rows at a time: they stay in cache
-            zz, ma = z[a:a + sub], m[a:a + sub]
+        for p in _row_pieces(rows, v, z.element_size()):   # a few rows at a time: cache-resident
+            zz, ma = z[p], m[p]
             if opts.temperature != 1.0:
                 zz.div_(opts.temperature)
             torch.amax(zz, 1, keepdim=True, out=ma)
             ma.masked_fill_(ma == float("-inf"), 0.0)                 # all -inf row: e = 0
             e = zz.sub_(ma).exp_()
-            sums[a:a + sub, :full // _BLOCK] = e[:, :full].unflatten(1, (full // _BLOCK, _BLOCK)).sum(2)
+            sums[p, :full // _BLOCK] = e[:, :full].unflatten(1, (full // _BLOCK, _BLOCK)).sum(2)
             if full < v:
-                sums[a:a + sub, -1] = e[:, full:].sum(1)
+                sums[p, -1] = e[:, full:].sum(1)
         e = z
         cdf = sums.double().cumsum_(1)                                # C_b, (rows, nb)
         total = cdf[:, -1:]
