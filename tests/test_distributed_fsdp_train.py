@@ -1,5 +1,7 @@
 """kdkernels.train.train with an FSDP2 student (fully_shard per decoder layer and at the root), 2 gloo
-processes on CPU, a tiny Llama (hidden 32, 2 layers, V = 301, tied head) and a cached top-k teacher.
+processes on CPU, a tiny Llama (hidden 32, 2 layers, V = 301) and a cached top-k teacher. Two
+layouts: "root_head" (tied head, in the root group) and "head_apart" (untied head sharded on its own,
+reshard_after_forward, so the loss must run as a forward of the head).
 
 - Three AdamW steps of 2 micro-batches per rank equal the single-process run with 4 micro-batches
   (the same global batch): the sampler, the global token normalizer (n / world, since FSDP averages
@@ -28,12 +30,15 @@ EPS32 = torch.finfo(torch.float32).eps
 V, K, WORLD, ACCUM, STEPS = 301, 6, 2, 2, 3
 
 
-def _model(seed, dtype=torch.float32):
+LAYOUTS = ("root_head", "head_apart")
+
+
+def _model(seed, dtype=torch.float32, tied=True):
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      pad_token_id=0, tie_word_embeddings=True, initializer_range=0.2)
+                      pad_token_id=0, tie_word_embeddings=tied, initializer_range=0.2)
     return LlamaForCausalLM(cfg).to(dtype)
 
 
@@ -57,11 +62,13 @@ def _cfg(grad_accum, steps=STEPS, out_dir=None):
                        backend="torch", out_dir=out_dir, save_every=0)
 
 
-def _sharded(seed):
+def _sharded(seed, layout="root_head"):
     from torch.distributed.fsdp import fully_shard
-    model = _model(seed)
+    model = _model(seed, tied=layout == "root_head")
     for layer in model.model.layers:
         fully_shard(layer)
+    if layout == "head_apart":
+        fully_shard(model.lm_head, reshard_after_forward=True)
     fully_shard(model)
     return model
 
@@ -79,10 +86,11 @@ def _worker(rank, world, port, out_dir):
         from kdkernels.train import train
         data = _data()
         # fully_shard keeps each rank's shard of its own init: the same seed everywhere
-        model = _sharded(seed=0)
-        assert type(model.lm_head.weight).__name__ == "DTensor"
-        res["history"] = train(model, data, _cfg(ACCUM), log=None).history
-        res["params"] = _full(model)
+        for layout in LAYOUTS:
+            model = _sharded(seed=0, layout=layout)
+            assert type(model.lm_head.weight).__name__ == "DTensor"
+            res[layout, "history"] = train(model, data, _cfg(ACCUM), log=None).history
+            res[layout, "params"] = _full(model)
 
         ck = os.path.join(out_dir, "ckpt")
         first = _sharded(seed=0)
@@ -113,9 +121,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _single(dtype):
+def _single(dtype, layout):
     from kdkernels.train import train
-    model = _model(seed=0, dtype=dtype)
+    model = _model(seed=0, dtype=dtype, tied=layout == "root_head")
     theta0 = {k: p.detach().clone() for k, p in model.named_parameters()}
     data = _data()
     if dtype == torch.float64:
@@ -135,13 +143,18 @@ def runs():
         for r, res in enumerate(ranks):
             assert "error" not in res, f"rank {r} raised:\n{res['error']}"
         ckpt = torch.load(os.path.join(tmp, "ckpt", "checkpoint.pt"), weights_only=False)
-    return ranks, ckpt, _single(torch.float32), _single(torch.float64)
+    singles = {(layout, dt): _single(dt, layout) for layout in LAYOUTS
+               for dt in (torch.float32, torch.float64)}
+    return ranks, ckpt, singles
 
 
-def test_fsdp2_steps_equal_single_process(runs):
-    ranks, _, (theta0, single, hist32), (_, ref, hist64) = runs
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fsdp2_steps_equal_single_process(runs, layout):
+    ranks, _, singles = runs
+    (theta0, single, hist32), (_, ref, hist64) = singles[layout, torch.float32], singles[layout, torch.float64]
+    assert ("lm_head.weight" in ref) == (layout == "head_apart")    # untied: a parameter of its own
     for rank, res in enumerate(ranks):
-        got = res["params"]
+        got = res[layout, "params"]
         assert set(got) == set(ref)
         for k in ref:
             u_ref = ref[k].double() - theta0[k].double()
@@ -151,7 +164,7 @@ def test_fsdp2_steps_equal_single_process(runs):
             base = float((single[k].double() - theta0[k].double() - u_ref).abs().max())
             tol = 2 * base + 32 * EPS32 * scale
             assert err <= tol, f"rank {rank} {k}: |fsdp - ref64| = {err:.3g} > {tol:.3g} (scale {scale:.3g})"
-        hist = res["history"]
+        hist = res[layout, "history"]
         assert [h["step"] for h in hist] == [1, 2, 3]
         assert [h["tokens"] for h in hist] == [h["tokens"] for h in hist32]
         for h, h32, h64 in zip(hist, hist32, hist64):
@@ -163,18 +176,19 @@ def test_fsdp2_steps_equal_single_process(runs):
 
 
 def test_fsdp2_resume_reproduces_uninterrupted_run(runs):
-    ranks, ckpt, _, _ = runs
+    ranks, ckpt, _ = runs
     for rank, res in enumerate(ranks):
         assert [h["step"] for h in res["history_first"]] == [1, 2]
-        for k, a in res["params"].items():
+        for k, a in res["root_head", "params"].items():
             assert torch.equal(res["params_resumed"][k], a), (rank, k)
-        assert [h["loss"] for h in res["history_resumed"]] == [h["loss"] for h in res["history"]]
+        assert ([h["loss"] for h in res["history_resumed"]]
+                == [h["loss"] for h in res["root_head", "history"]])
     # rank 0 wrote full (unsharded) tensors: they load into a plain model as they are
     assert ckpt["step"] == STEPS
     plain = _model(seed=5)
     plain.load_state_dict(ckpt["model"])
     for k, p in plain.named_parameters():
-        assert torch.equal(p.detach(), ranks[0]["params"][k]), k
+        assert torch.equal(p.detach(), ranks[0]["root_head", "params"][k]), k
 
 
 def test_fsdp2_without_root_is_rejected(runs):

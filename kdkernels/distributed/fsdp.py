@@ -45,6 +45,40 @@ def is_fsdp2(model: torch.nn.Module) -> bool:
     return False
 
 
+def micro_batch_loss(model: torch.nn.Module, batch: dict, obj, *, teacher=None, normalizer=None):
+    """kdkernels.train.micro_batch_loss(...)[0] for an FSDP2 student, run inside FSDP forwards so
+    that the LM head is gathered:
+
+    - head in the root group (the usual layout, tied or not): the whole loss is one forward of the
+      root;
+    - head sharded on its own (fully_shard(model.lm_head) before the root; untied heads): the body
+      is a forward of the root, the loss a forward of the head with the hidden states as its input
+      (its gradient is then reduce-scattered as soon as the head's backward is done).
+
+    The batch, teacher and normalizer reach the loss through closures, not as forward inputs, so a
+    MixedPrecisionPolicy's input cast leaves them alone."""
+    from ..train.model_parts import LMParts, final_hidden, lm_parts
+    from ..train.objective import micro_batch_loss as loss_of
+
+    def whole(m):
+        return loss_of(lm_parts(m), batch, obj, teacher=teacher, normalizer=normalizer)[0]
+
+    head = model.get_output_embeddings()
+    fsdp_module, _ = _fsdp2()
+    if head is model or not isinstance(head, fsdp_module):
+        return call_as_forward(model, whole)
+
+    def body(m):
+        return final_hidden(lm_parts(m), batch["input_ids"], batch.get("attention_mask"))
+
+    def head_loss(_, h):
+        parts = lm_parts(model)             # reads the head's weight: unsharded in this forward
+        parts = LMParts(lambda **_: (h,), parts.weight, parts.bias, parts.softcap)
+        return loss_of(parts, batch, obj, teacher=teacher, normalizer=normalizer)[0]
+
+    return call_as_forward(head, head_loss, call_as_forward(model, body))
+
+
 def train_device(model: torch.nn.Module, name: str) -> torch.device:
     """The device of the shards (fully_shard placed them); `name` ("auto", "cuda", "cpu:0"...) must
     agree with it."""
@@ -112,5 +146,5 @@ def scalar(t: torch.Tensor) -> float:
     return float(t.full_tensor() if _is_dtensor(t) else t)
 
 
-__all__ = ["is_fsdp2", "train_device", "call_as_forward", "sync_start", "average_unsharded_grads", "full_state", "load_full_state",
+__all__ = ["is_fsdp2", "micro_batch_loss", "train_device", "call_as_forward", "sync_start", "average_unsharded_grads", "full_state", "load_full_state",
            "scalar"]

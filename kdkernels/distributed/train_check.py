@@ -1,7 +1,7 @@
 """Check kdkernels.train.train with an FSDP2 student on this machine's devices and process group:
 
     torchrun --standalone --nproc_per_node=N -m kdkernels.distributed.train_check [--vocab 4099
-        --hidden 64 --layers 2 --steps 3 --grad-accum 2 --batch-size 2 --k 16]
+        --hidden 64 --layers 2 --steps 3 --grad-accum 2 --batch-size 2 --k 16 --head-apart]
 
 Every rank builds the same random tiny Llama (seeded; needs transformers) and the same cached top-k
 teacher examples of ragged lengths (so the ranks' token counts differ), then trains it three times
@@ -9,7 +9,8 @@ on the same global batches:
   (a) replicated, fp32: train()'s plain data-parallel path (gradients summed over the ranks; equal
       to the single-process run, tests/test_distributed_train.py);
   (r) the same in float64: the reference;
-  (b) FSDP2, fp32: fully_shard on every decoder layer and on the root, then train().
+  (b) FSDP2, fp32: fully_shard on every decoder layer and on the root, then train(). The head is
+      tied and in the root group, or with --head-apart untied and sharded on its own.
 With u = theta_end - theta_0 per parameter tensor, FSDP2 passes when
     max |u_b - u_r| <= 2 max |u_a - u_r| + 32 ulp(fp32) * max |u_r|
 for every tensor, and likewise for every logged loss: FSDP2 is as close to float64 as plain fp32
@@ -35,7 +36,7 @@ def _model(args, device):
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                       num_hidden_layers=args.layers, num_attention_heads=heads,
                       num_key_value_heads=heads, max_position_embeddings=128, pad_token_id=0,
-                      tie_word_embeddings=True, initializer_range=0.2)
+                      tie_word_embeddings=not args.head_apart, initializer_range=0.2)
     return LlamaForCausalLM(cfg).to(device)
 
 
@@ -60,6 +61,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grad-accum", type=int, default=2, help="micro-batches per rank and step")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--k", type=int, default=16, help="cached teacher slots per token")
+    ap.add_argument("--head-apart", action="store_true",
+                    help="untied LM head, fully_shard(model.lm_head) as its own group")
     args = ap.parse_args(argv)
     from torch.distributed.fsdp import fully_shard
     from kdkernels.train import TrainConfig, train
@@ -82,6 +85,8 @@ def main(argv=None) -> int:
         if shard:
             for layer in model.model.layers:
                 fully_shard(layer)
+            if args.head_apart:
+                fully_shard(model.lm_head)
             fully_shard(model)
         hist = train(model, data, cfg, log=None).history
         end = {k: (p.full_tensor() if shard else p).detach() for k, p in model.named_parameters()}
@@ -103,7 +108,8 @@ def main(argv=None) -> int:
     bad = [row for row in rows if row[1] > row[3]]
     if rank == 0:
         print(f"kdkernels FSDP2 train check: world={world} device={device.type} V={args.vocab} "
-              f"H={args.hidden} layers={args.layers} steps={args.steps} grad_accum={args.grad_accum} "
+              f"H={args.hidden} layers={args.layers} head={'apart' if args.head_apart else 'root'} "
+              f"steps={args.steps} grad_accum={args.grad_accum} "
               f"tokens/step={[h['tokens'] for h in hist]}")
         name, e_b, e_a, _ = max(rows[:len(u_r)], key=lambda row: row[1])
         print(f"  parameter updates vs float64: FSDP2 {e_b:.2e}, replicated fp32 {e_a:.2e} "

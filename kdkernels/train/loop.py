@@ -242,7 +242,7 @@ def train(model: torch.nn.Module, data: Sequence[dict], cfg: TrainConfig, *,
         micro = [collate_fn([data[i] for i in sampler.indices(step, m * world + rank, ex_w)])
                  for m in range(cfg.grad_accum)]
         if onp is not None:   # the chosen micro-batches become rollouts of the current student
-            micro = onp.prepare(micro, step, [m * world + rank for m in range(cfg.grad_accum)],
+            micro = onp.prepare(micro, step, [m for m in range(cfg.grad_accum)],
                                 device, use_bf16)
         counts = [int((b["labels"] != cfg.ignore_index).sum()) for b in micro]  # CPU tensors: no sync
         n_tokens = sum(counts)
@@ -261,10 +261,9 @@ def train(model: torch.nn.Module, data: Sequence[dict], cfg: TrainConfig, *,
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 if onp is not None and b.get("on_policy", False):
                     loss, rows = onp.loss(b, normalizer), None
-                elif fsdp:   # a forward of the root group, so that the LM head is gathered; the
-                    # batch and normalizer stay in the closure (no forward-input dtype cast)
-                    loss, rows = FS.call_as_forward(model, lambda m, b=b: micro_batch_loss(
-                        lm_parts(m), b, obj, teacher=t_parts, normalizer=normalizer)[0]), None
+                elif fsdp:   # inside FSDP forwards, so that the LM head is gathered
+                    loss, rows = FS.micro_batch_loss(model, b, obj, teacher=t_parts,
+                                                     normalizer=normalizer), None
                 else:
                     loss, rows = micro_batch_loss(
                         student, b, obj, teacher=t_parts if onp is None else onp.offline_teacher(b),
