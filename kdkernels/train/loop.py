@@ -242,7 +242,7 @@ def train(model: torch.nn.Module, data: Sequence[dict], cfg: TrainConfig, *,
         micro = [collate_fn([data[i] for i in sampler.indices(step, m * world + rank, ex_w)])
                  for m in range(cfg.grad_accum)]
         if onp is not None:   # the chosen micro-batches become rollouts of the current student
-            micro = onp.prepare(micro, step, [m for m in range(cfg.grad_accum)],
+            micro = onp.prepare(micro, step, [m * world + rank for m in range(cfg.grad_accum)],
                                 device, use_bf16)
         counts = [int((b["labels"] != cfg.ignore_index).sum()) for b in micro]  # CPU tensors: no sync
         n_tokens = sum(counts)
