@@ -329,6 +329,61 @@ def test_on_policy_fraction_is_its_long_run_share():
     assert all(OP.is_on_policy(1.0, 0, s, 0) for s in range(50))
 
 
+def _dist_run(world_rank, world, port, q):
+    """One rank of the 2-process run (or the single process when world_rank is None)."""
+    try:
+        torch.set_num_threads(1)
+        if world_rank is not None:
+            torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                                 rank=world_rank, world_size=world)
+        student = tiny_llama(seed=2 + (world_rank or 0), dtype=torch.float32)   # rank 0's wins
+        teacher = tiny_llama(h=48, seed=1, dtype=torch.float32)
+        cfg = TrainConfig(steps=2, batch_size=2, grad_accum=2 if world_rank is None else 1, lr=1e-2,
+                          device="cpu", log_every=1, backend="torch", on_policy_fraction=0.5,
+                          on_policy_max_new_tokens=4, on_policy_prompt_len=3, ce_weight=0.3)
+        res = train(student, ragged(6), cfg, teacher=teacher, log=None)
+        out = ([p.detach().numpy().copy() for p in student.parameters()], res.history)
+        if world_rank is not None:
+            torch.distributed.destroy_process_group()
+        if world_rank in (None, 0):
+            q.put(out)
+    except BaseException as e:  # report instead of hanging the parent
+        q.put(e)
+        raise
+
+
+def test_two_ranks_equal_one_process_with_doubled_accumulation():
+    """Rank r's micro-batch m is global micro-batch m * W + r: same coin, same rollout seed."""
+    import queue
+    import socket
+    q1 = queue.Queue()
+    _dist_run(None, 1, 0, q1)
+    params1, hist1 = q1.get()
+    assert [h["on_policy_micro_batches"] for h in hist1] == [
+        sum(OP.is_on_policy(0.5, 0, s, m) for m in range(2)) for s in range(2)]
+    assert 0 < sum(h["on_policy_micro_batches"] for h in hist1) < 4
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = torch.multiprocessing.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_dist_run, args=(r, 2, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = q.get(timeout=240)
+    for p in procs:
+        p.join(timeout=60)
+    if isinstance(got, BaseException):
+        raise got
+    params2, hist2 = got
+    assert [h["tokens"] for h in hist2] == [h["tokens"] for h in hist1]
+    for a, b in zip(params1, params2):
+        # the ranks' gradient sum adds the same partial sums as one process accumulating them
+        torch.testing.assert_close(torch.from_numpy(b), torch.from_numpy(a), rtol=1e-5, atol=1e-6)
+    for h1, h2 in zip(hist1, hist2):
+        assert h2["loss"] == pytest.approx(h1["loss"], rel=1e-5)
+
+
 @pytest.mark.parametrize("case", ["no_teacher", "vocab", "fraction", "new_tokens", "temperature",
                                   "ddk"])
 def test_errors(case):
