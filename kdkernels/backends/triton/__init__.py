@@ -17,7 +17,7 @@ NAME = "triton"
 MAX_TOPK = 256   # linear_topk's largest k (heads.MAX_K; kept here so that reading it imports no kernel)
 # Public ops not implemented yet (kdkernels.dispatch: an explicit request raises, "auto" skips us).
 UNSUPPORTED_OPS: tuple = ()
-_KERNELS = ("losses", "heads")
+_KERNELS = ("losses", "heads", "shard")
 _loaded_interpreted: Optional[bool] = None   # the TRITON_INTERPRET mode the kernels were built in
 
 
@@ -94,6 +94,46 @@ def linear_sample(h, w, bias, uniforms, opts):
     return _kernels("heads").linear_sample(h, w, bias, uniforms, opts)
 
 
+# The shard protocol of the vocab-parallel losses (process_group=; kdkernels/distributed/shard_torch.py
+# is the contract): the per-rank passes, on the same kernels (shard.py).
+
+
+def kd_shard_stats(zs, zt, labels, opts):
+    return _kernels("shard").kd_shard_stats(zs, zt, labels, opts)
+
+
+def kd_shard_terms(zs, zt, glse, opts):
+    return _kernels("shard").kd_shard_terms(zs, zt, glse, opts)
+
+
+def kd_shard_backward(zs, zt, labels, stats, grad_rows, opts):
+    return _kernels("shard").kd_shard_backward(zs, zt, labels, stats, grad_rows, opts)
+
+
+def linear_kd_shard_stats(hs, ws, bs, ht, wt, bt, labels, opts):
+    return _kernels("shard").linear_kd_shard_stats(hs, ws, bs, ht, wt, bt, labels, opts)
+
+
+def linear_kd_shard_terms(hs, ws, bs, ht, wt, bt, glse, opts):
+    return _kernels("shard").linear_kd_shard_terms(hs, ws, bs, ht, wt, bt, glse, opts)
+
+
+def linear_kd_shard_backward(hs, ws, bs, ht, wt, bt, labels, stats, grad_rows, opts, need):
+    return _kernels("shard").linear_kd_shard_backward(hs, ws, bs, ht, wt, bt, labels, stats, grad_rows,
+                                                      opts, need)
+
+
+def linear_sparse_kd_shard_stats(hs, ws, bs, ids, labels, opts):
+    return _kernels("shard").linear_sparse_kd_shard_stats(hs, ws, bs, ids, labels, opts)
+
+
+def linear_sparse_kd_shard_backward(hs, ws, bs, ids, lpK, labels, stats, grad_rows, opts, need):
+    return _kernels("shard").linear_sparse_kd_shard_backward(hs, ws, bs, ids, lpK, labels, stats,
+                                                             grad_rows, opts, need)
+
+
 __all__ = ["kd_forward", "kd_backward", "linear_kd_forward", "linear_kd_backward",
            "linear_sparse_kd_forward", "linear_sparse_kd_backward", "linear_topk", "linear_sample",
-           "availability", "NAME"]
+           "kd_shard_stats", "kd_shard_terms", "kd_shard_backward", "linear_kd_shard_stats",
+           "linear_kd_shard_terms", "linear_kd_shard_backward", "linear_sparse_kd_shard_stats",
+           "linear_sparse_kd_shard_backward", "availability", "NAME"]

@@ -153,7 +153,8 @@ def _dense_grad_kernel(xs_ptr, s_sxn, s_sxv, ws_ptr, s_swv, bs_ptr, Hs, s_cap,
                        T_BIAS: tl.constexpr, T_CAP: tl.constexpr, IEEE: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """stats rows: [LSE(b), LSE(z_s), LSE(a), S]; kd_coef = kd_scale / T; akl_ptr (N, 2) =
-    [w_h, w_t] per row, read for DIV 6 only."""
+    [w_h, w_t] per row, read for DIV 6 only. labels: -1 no CE term; -2 (a vocabulary shard, shard.py)
+    the CE softmax part without the one-hot, whose target lies in another shard."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -181,7 +182,7 @@ def _dense_grad_kernel(xs_ptr, s_sxn, s_sxv, ws_ptr, s_swv, bs_ptr, Hs, s_cap,
     if HAS_CE:
         lab = tl.load(labels_ptr + rows, mask=rmask, other=-1)
         lse1 = tl.load(stats_ptr + rows * 4 + 1, mask=rmask, other=0.0)
-        g += tl.where((lab >= 0)[:, None], ce_w * tl.exp(zs - lse1[:, None]), 0.0)
+        g += tl.where((lab != -1)[:, None], ce_w * tl.exp(zs - lse1[:, None]), 0.0)
         g -= tl.where(cols[None, :] == lab[:, None], ce_w, 0.0)
     if S_CAP:
         r = zs / s_cap

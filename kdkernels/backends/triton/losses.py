@@ -273,9 +273,10 @@ def linear_kd_forward(hs, ws, bs, ht, wt, bt, labels, opts: KDOptions):
 
 
 def head_backward(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], need, opts: KDOptions,
-                  write_chunk, grad_rows: torch.Tensor) -> tuple:
+                  write_chunk, grad_rows: torch.Tensor, dh_fp32: bool = False) -> tuple:
     """Drive the chunked backward: write_chunk(g, c_start, c_end) fills g (N, c_end - c_start) with
-    d(total)/d(pre-softcap logits); this turns it into (dh, dW, db) in the inputs' dtypes."""
+    d(total)/d(pre-softcap logits); this turns it into (dh, dW, db) in the inputs' dtypes (dh as
+    its fp32 accumulator with dh_fp32: a vocabulary shard's partial, summed over shards later)."""
     need_dh, need_dw, need_db = need
     n, v = h.shape[0], w.shape[0]
     if not (need_dh or need_dw or need_db):
@@ -304,7 +305,7 @@ def head_backward(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], n
             torch.mm(gd.T, h, out=dw[c0:c1])      # rows of our contiguous dw: contiguous
         if need_db:
             db[c0:c1] = g.sum(0).to(db.dtype)
-    dh = dh32.to(h.dtype) if need_dh else None
+    dh = (dh32 if dh_fp32 else dh32.to(h.dtype)) if need_dh else None
     return dh, dw, db
 
 
@@ -419,7 +420,19 @@ def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, o
     ids_s, order = _sorted_ids(ids)
     if has_kd:            # the teacher's log-probs in the sorted slot order of the grad kernel
         lpk = lpk.gather(1, order)
-    tiles = linear_tiles(hs.device)
+    write_chunk = sparse_grad_writer(s, n, v, ids_s, lpk, dense, labels, stats, akl, grad_rows, opts)
+    return head_backward(s.x, s.w, bs, need, opts, write_chunk, grad_rows)
+
+
+def sparse_grad_writer(s: Head, n: int, v: int, ids_s, lpk, dense, labels, stats, akl, grad_rows,
+                       opts: KDOptions):
+    """write_chunk for head_backward: _sparse_grad_kernel over columns [c0, c1). ids_s sorted per
+    row (_sorted_ids), lpk (N, k) the teacher's log-probs in that slot order, dense (N,) the
+    coefficient of the tokens outside K; stats (N, 4) [LSE, LSE(z), h_Q, S]; lpk and dense are
+    placeholders without a KD term."""
+    k = ids_s.shape[1]
+    has_kd = bool(opts.kd_weight)
+    tiles = linear_tiles(s.x.device)
     lw, l1mw = _mix_logs(opts)
 
     def write_chunk(g, c0, c1):
@@ -433,4 +446,4 @@ def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, o
                                   HAS_BIAS=s.has_bias, HAS_CAP=s.has_cap, IEEE=_ieee(s),
                                   LOG_K=max(k, 1).bit_length(), **tiles.launch())
 
-    return head_backward(s.x, s.w, bs, need, opts, write_chunk, grad_rows)
+    return write_chunk

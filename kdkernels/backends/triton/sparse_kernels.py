@@ -153,7 +153,8 @@ def _sparse_grad_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, H, cap, ids_p
                         BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """stats rows: [LSE(b), LSE(z), h_Q, S] (LSE(b) over K for renorm_both); akl_ptr (N, 2) =
     [w_h, w_t], read for DIV 6 only. ids ascending per row, empty slots last; lpk in that slot
-    order; LOG_K = K.bit_length()."""
+    order; LOG_K = K.bit_length(). labels: -1 no CE term; -2 (a vocabulary shard, shard.py) the CE
+    softmax part without the one-hot."""
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -198,7 +199,7 @@ def _sparse_grad_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, H, cap, ids_p
     if HAS_CE:
         lab = tl.load(labels_ptr + rows, mask=rmask, other=-1)
         lse1 = tl.load(stats_ptr + rows * 4 + 1, mask=rmask, other=0.0)
-        g += tl.where((lab >= 0)[:, None], ce_w * tl.exp(z - lse1[:, None]), 0.0)
+        g += tl.where((lab != -1)[:, None], ce_w * tl.exp(z - lse1[:, None]), 0.0)
         g -= tl.where(cols[None, :] == lab[:, None], ce_w, 0.0)
     if HAS_CAP:
         r = z / cap
