@@ -25,6 +25,15 @@ TORCH_LIBRARY(kdkernels_native, m) {
   m.def("linear_topk(Tensor h, Tensor w, Tensor? b, int k, float[] fopts, int[] iopts) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("linear_sample(Tensor h, Tensor w, Tensor? b, Tensor u, float[] fopts, int[] iopts) -> (Tensor, Tensor)");
+  // Vocab-shard passes (csrc/driver_shard.h; the backward passes are the backward ops above)
+  m.def("kd_shard_stats(Tensor zs, Tensor zt, Tensor labels, float[] fopts, int[] iopts) -> (Tensor, Tensor)");
+  m.def("kd_shard_terms(Tensor zs, Tensor zt, Tensor glse, float[] fopts, int[] iopts) -> Tensor");
+  m.def("linear_kd_shard_stats(Tensor hs, Tensor ws, Tensor? bs, Tensor ht, Tensor wt, Tensor? bt, "
+        "Tensor labels, float[] fopts, int[] iopts) -> (Tensor, Tensor)");
+  m.def("linear_kd_shard_terms(Tensor hs, Tensor ws, Tensor? bs, Tensor ht, Tensor wt, Tensor? bt, "
+        "Tensor glse, float[] fopts, int[] iopts) -> Tensor");
+  m.def("linear_sparse_kd_shard_stats(Tensor hs, Tensor ws, Tensor? bs, Tensor ids, Tensor labels, "
+        "float[] fopts, int[] iopts) -> (Tensor, Tensor, Tensor)");
 }
 
 #define KD_REGISTER_ALL(m, IMPL)                                          \
@@ -35,7 +44,12 @@ TORCH_LIBRARY(kdkernels_native, m) {
   m.impl("linear_sparse_kd_forward", &IMPL::linear_sparse_kd_forward);    \
   m.impl("linear_sparse_kd_backward", &IMPL::linear_sparse_kd_backward);  \
   m.impl("linear_topk", &IMPL::linear_topk);                              \
-  m.impl("linear_sample", &IMPL::linear_sample);
+  m.impl("linear_sample", &IMPL::linear_sample);                          \
+  m.impl("kd_shard_stats", &IMPL::kd_shard_stats);                        \
+  m.impl("kd_shard_terms", &IMPL::kd_shard_terms);                        \
+  m.impl("linear_kd_shard_stats", &IMPL::linear_kd_shard_stats);          \
+  m.impl("linear_kd_shard_terms", &IMPL::linear_kd_shard_terms);          \
+  m.impl("linear_sparse_kd_shard_stats", &IMPL::linear_sparse_kd_shard_stats);
 
 TORCH_LIBRARY_IMPL(kdkernels_native, CPU, m) { KD_REGISTER_ALL(m, kdkernels::Ops<kdkernels::CpuEpi>) }
 

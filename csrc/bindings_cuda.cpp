@@ -16,6 +16,11 @@ TORCH_LIBRARY_IMPL(kdkernels_native, CUDA, m) {
   m.impl("linear_sparse_kd_backward", &Impl::linear_sparse_kd_backward);
   m.impl("linear_topk", &Impl::linear_topk);
   m.impl("linear_sample", &Impl::linear_sample);
+  m.impl("kd_shard_stats", &Impl::kd_shard_stats);
+  m.impl("kd_shard_terms", &Impl::kd_shard_terms);
+  m.impl("linear_kd_shard_stats", &Impl::linear_kd_shard_stats);
+  m.impl("linear_kd_shard_terms", &Impl::linear_kd_shard_terms);
+  m.impl("linear_sparse_kd_shard_stats", &Impl::linear_sparse_kd_shard_stats);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

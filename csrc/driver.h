@@ -171,8 +171,10 @@ inline Tensor ce_rows(const Tensor& st, const Tensor& lse1, const Tensor& labels
 struct HeadGrads {
   Tensor dh, dh_acc, dw, db;
   bool need_dh, need_dw, need_db, single;
-  HeadGrads(const Tensor& h, const Tensor& w, bool ndh, bool ndw, bool ndb, bool one)
-      : need_dh(ndh), need_dw(ndw), need_db(ndb), single(one) {
+  // partial (Params::dh_partial, the shard protocol): dh stays the accumulation-dtype sum, uncast
+  bool partial;
+  HeadGrads(const Tensor& h, const Tensor& w, bool ndh, bool ndw, bool ndb, bool one, bool part = false)
+      : need_dh(ndh), need_dw(ndw), need_db(ndb), single(one && !part), partial(part) {
     const auto acc = acc_dtype(h);
     if (need_dh && !single) {
       dh_acc = at::zeros(h.sizes(), h.options().dtype(acc));
@@ -194,7 +196,7 @@ struct HeadGrads {
     if (need_db) db.narrow(0, v0, cols).copy_(g.sum(0, false, acc_dtype(g)));
   }
   Tensors3 finish(const Tensor& h) {
-    if (need_dh && !single) dh = dh_acc.to(h.scalar_type());
+    if (need_dh && !single) dh = partial ? dh_acc : dh_acc.to(h.scalar_type());
     auto none = [&] { return at::empty({0}, h.options()); };
     return {need_dh ? dh : none(), need_dw ? dw : none(), need_db ? db : none()};
   }
@@ -341,7 +343,7 @@ Tensors3 linear_kd_backward(const Tensor& hs, const Tensor& ws, const c10::optio
   const Tensor gr = grad_rows.to(acc).contiguous();
   const int64_t cols =
       chunk_cols(n, v, 2 * hs.element_size() + (kd ? ht.element_size() : 0), p.chunk_bytes);
-  HeadGrads out(hs, ws, need_dh, need_dw, need_db, cols == v);
+  HeadGrads out(hs, ws, need_dh, need_dw, need_db, cols == v, p.dh_partial);
   if (!(need_dh || need_dw || need_db)) return out.finish(hs);
   for (int64_t v0 = 0; v0 < v; v0 += cols) {
     const int64_t w = std::min(cols, v - v0);
@@ -449,7 +451,7 @@ Tensors3 linear_sparse_kd_backward(const Tensor& hs, const Tensor& ws, const c10
   st = st.contiguous();
   const Tensor gr = grad_rows.to(acc).contiguous();
   const int64_t cols = chunk_cols(n, v, 2 * hs.element_size(), p.chunk_bytes);
-  HeadGrads out(hs, ws, need_dh, need_dw, need_db, cols == v);
+  HeadGrads out(hs, ws, need_dh, need_dw, need_db, cols == v, p.dh_partial);
   if (!(need_dh || need_dw || need_db)) return out.finish(hs);
   for (int64_t v0 = 0; v0 < v; v0 += cols) {
     const int64_t w = std::min(cols, v - v0);

@@ -37,6 +37,7 @@ struct Params {
   int64_t tail = kBucket;
   bool weights = false;      // values="weights"
   int64_t chunk_bytes = 256ll << 20;
+  bool dh_partial = false;   // linear backward ops: dh as the uncast accumulation-dtype sum (shards)
 };
 
 #define KD_EPILOGUES                                                                                 \

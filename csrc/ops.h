@@ -4,7 +4,9 @@
 //
 // Options travel as two lists, built in one place (kdkernels/backends/native/_ops.py):
 //   fopts = [temperature, mix (beta or alpha), kd_scale, ce_weight, student_softcap, teacher_softcap]
-//   iopts = [divergence code, tail code, values is "weights", chunk_bytes]
+//   iopts = [divergence code, tail code, values is "weights", chunk_bytes(, dh_partial)]
+// (dh_partial, optional, 1: the linear backward ops return dh as the uncast accumulation-dtype sum,
+// the vocab-shard partial of the shard protocol; driver_shard.h holds the shard passes)
 // (softcaps: 0 = none). The backward ops take `akl_weights` (N, 2) [w_h, w_t] for divergence akl
 // (None otherwise); the forward ops' stats are then AKL's (driver.h).
 #pragma once
@@ -15,6 +17,7 @@
 #include <type_traits>
 
 #include "driver.h"
+#include "driver_shard.h"
 
 namespace kdkernels {
 
@@ -23,7 +26,8 @@ using Need = std::array<bool, 3>;
 
 inline Params params_from(c10::ArrayRef<double> f, c10::IntArrayRef i) {
   TORCH_CHECK(f.size() == 6, "kdkernels_native: fopts must hold 6 numbers, got ", f.size());
-  TORCH_CHECK(i.size() == 4, "kdkernels_native: iopts must hold 4 integers, got ", i.size());
+  TORCH_CHECK(i.size() == 4 || i.size() == 5, "kdkernels_native: iopts must hold 4 or 5 integers, got ",
+              i.size());
   Params p;
   p.temperature = f[0];
   p.mix = f[1];
@@ -35,6 +39,7 @@ inline Params params_from(c10::ArrayRef<double> f, c10::IntArrayRef i) {
   p.tail = i[1];
   p.weights = i[2] != 0;
   p.chunk_bytes = i[3];
+  p.dh_partial = i.size() == 5 && i[4] != 0;
   TORCH_CHECK(p.temperature > 0, "kdkernels_native: temperature must be > 0, got ", p.temperature);
   TORCH_CHECK(p.divergence >= kForwardKL && p.divergence <= kAKL, "kdkernels_native: bad divergence code ",
               p.divergence);
@@ -92,6 +97,33 @@ struct Ops {
       c10::IntArrayRef i) {
     return driver::linear_topk<Epi>(h, w, b, k, params_from(f, i));
   }
+  // Shard protocol (driver_shard.h)
+  static std::tuple<at::Tensor, at::Tensor> kd_shard_stats(const at::Tensor& zs, const at::Tensor& zt,
+                                                           const at::Tensor& labels, c10::ArrayRef<double> f,
+                                                           c10::IntArrayRef i) {
+    return driver::kd_shard_stats<Epi>(zs, zt, labels, params_from(f, i));
+  }
+  static at::Tensor kd_shard_terms(const at::Tensor& zs, const at::Tensor& zt, const at::Tensor& glse,
+                                   c10::ArrayRef<double> f, c10::IntArrayRef i) {
+    return driver::kd_shard_terms<Epi>(zs, zt, glse, params_from(f, i));
+  }
+  static std::tuple<at::Tensor, at::Tensor> linear_kd_shard_stats(
+      const at::Tensor& hs, const at::Tensor& ws, const OptTensor& bs, const at::Tensor& ht,
+      const at::Tensor& wt, const OptTensor& bt, const at::Tensor& labels, c10::ArrayRef<double> f,
+      c10::IntArrayRef i) {
+    return driver::linear_kd_shard_stats<Epi>(hs, ws, bs, ht, wt, bt, labels, params_from(f, i));
+  }
+  static at::Tensor linear_kd_shard_terms(const at::Tensor& hs, const at::Tensor& ws, const OptTensor& bs,
+                                          const at::Tensor& ht, const at::Tensor& wt, const OptTensor& bt,
+                                          const at::Tensor& glse, c10::ArrayRef<double> f,
+                                          c10::IntArrayRef i) {
+    return driver::linear_kd_shard_terms<Epi>(hs, ws, bs, ht, wt, bt, glse, params_from(f, i));
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_sparse_kd_shard_stats(
+      const at::Tensor& hs, const at::Tensor& ws, const OptTensor& bs, const at::Tensor& ids,
+      const at::Tensor& labels, c10::ArrayRef<double> f, c10::IntArrayRef i) {
+    return driver::linear_sparse_kd_shard_stats<Epi>(hs, ws, bs, ids, labels, params_from(f, i));
+  }
   static std::tuple<at::Tensor, at::Tensor> linear_sample(const at::Tensor& h, const at::Tensor& w,
                                                           const OptTensor& b, const at::Tensor& u,
                                                           c10::ArrayRef<double> f, c10::IntArrayRef i) {
@@ -127,8 +159,10 @@ struct MetaOps {
             at::empty_symint({hs.sym_size(0), c10::SymInt(width)}, o)};
   }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> head_grads(const at::Tensor& hs,
-                                                                   const at::Tensor& ws, Need need) {
-    return {need[0] ? at::empty_symint(hs.sym_sizes(), hs.options()) : none(hs),
+                                                                   const at::Tensor& ws, Need need,
+                                                                   c10::IntArrayRef i) {
+    const bool partial = i.size() == 5 && i[4] != 0;  // dh in the accumulation dtype
+    return {need[0] ? at::empty_symint(hs.sym_sizes(), partial ? acc(hs) : hs.options()) : none(hs),
             need[1] ? at::empty_symint(ws.sym_sizes(), ws.options()) : none(hs),
             need[2] ? at::empty_symint({ws.sym_size(0)}, ws.options()) : none(hs)};
   }
@@ -140,8 +174,8 @@ struct MetaOps {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_kd_backward(
       const at::Tensor& hs, const at::Tensor& ws, const OptTensor&, const at::Tensor&, const at::Tensor&,
       const OptTensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::ArrayRef<double>,
-      c10::IntArrayRef, Need need, const OptTensor&) {
-    return head_grads(hs, ws, need);
+      c10::IntArrayRef i, Need need, const OptTensor&) {
+    return head_grads(hs, ws, need, i);
   }
   static std::tuple<at::Tensor, at::Tensor> linear_sparse_kd_forward(
       const at::Tensor& hs, const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
@@ -150,9 +184,39 @@ struct MetaOps {
   }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_sparse_kd_backward(
       const at::Tensor& hs, const at::Tensor& ws, const OptTensor&, const at::Tensor&, const at::Tensor&,
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::ArrayRef<double>, c10::IntArrayRef,
+      const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::ArrayRef<double>, c10::IntArrayRef i,
       Need need, const OptTensor&) {
-    return head_grads(hs, ws, need);
+    return head_grads(hs, ws, need, i);
+  }
+  // Shard protocol: lse (N, 3) and picked (N,) in the accumulation dtype; terms (N, 2); bK (N, k)
+  static std::tuple<at::Tensor, at::Tensor> shard_lse(const at::Tensor& ref) {
+    return {at::empty_symint({ref.sym_size(0), c10::SymInt(3)}, acc(ref)),
+            at::empty_symint({ref.sym_size(0)}, acc(ref))};
+  }
+  static std::tuple<at::Tensor, at::Tensor> kd_shard_stats(const at::Tensor& zs, const at::Tensor& zt,
+                                                           const at::Tensor&, c10::ArrayRef<double>,
+                                                           c10::IntArrayRef) {
+    return shard_lse(zt.scalar_type() == at::kDouble ? zt : zs);
+  }
+  static at::Tensor kd_shard_terms(const at::Tensor& zs, const at::Tensor& zt, const at::Tensor&,
+                                   c10::ArrayRef<double>, c10::IntArrayRef) {
+    return at::empty_symint({zs.sym_size(0), c10::SymInt(2)}, acc(zt.scalar_type() == at::kDouble ? zt : zs));
+  }
+  static std::tuple<at::Tensor, at::Tensor> linear_kd_shard_stats(
+      const at::Tensor& hs, const at::Tensor&, const OptTensor&, const at::Tensor&, const at::Tensor&,
+      const OptTensor&, const at::Tensor&, c10::ArrayRef<double>, c10::IntArrayRef) {
+    return shard_lse(hs);
+  }
+  static at::Tensor linear_kd_shard_terms(const at::Tensor& hs, const at::Tensor&, const OptTensor&,
+                                          const at::Tensor&, const at::Tensor&, const OptTensor&,
+                                          const at::Tensor&, c10::ArrayRef<double>, c10::IntArrayRef) {
+    return at::empty_symint({hs.sym_size(0), c10::SymInt(2)}, acc(hs));
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_sparse_kd_shard_stats(
+      const at::Tensor& hs, const at::Tensor&, const OptTensor&, const at::Tensor& ids, const at::Tensor&,
+      c10::ArrayRef<double>, c10::IntArrayRef) {
+    auto lp = shard_lse(hs);
+    return {std::get<0>(lp), std::get<1>(lp), at::empty_symint(ids.sym_sizes(), acc(hs))};
   }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_topk(
       const at::Tensor& h, const at::Tensor&, const OptTensor&, int64_t k, c10::ArrayRef<double>,
