@@ -343,7 +343,10 @@ def test_shard_ops_opcheck(native):
 # 2. end to end: process_group= with backend="native" on 2 gloo processes
 
 E2E = ("linear_fkl_mean", "linear_rkl_T2_ce", "linear_jsd_bias_sum", "linear_skewr_softcap",
-       "linear_vocab_cut", "linear_bf16", "logits_fkl_ce", "logits_tvd_separated", "logits_vocab_cut")
+       "linear_vocab_cut", "linear_bf16", "logits_fkl_ce", "logits_tvd_separated", "logits_vocab_cut",
+       "sparse_bucket_fkl", "sparse_bucket_jsd_bias", "sparse_renorm_teacher_tvd", "sparse_renorm_both_skewr",
+       "sparse_weights_fkl_softcap", "sparse_vocab_cut", "sparse_bf16")
+ALL_IGNORED = ("linear", "logits", "sparse")
 WORLD = 2
 
 
@@ -371,19 +374,42 @@ def _force_backend(name):
             setattr(kdkernels, f, fn)
 
 
+@contextlib.contextmanager
+def _count_native_passes(calls: dict):
+    """Count the calls of the native shard passes (vocab_parallel looks them up on the package)."""
+    from kdkernels.backends import native
+    from kdkernels.distributed.shard_dispatch import SHARD_OPS
+    names = sorted({f for fs in SHARD_OPS.values() for f in fs})
+    saved = {f: getattr(native, f) for f in names}
+
+    def counted(f, fn):
+        def call(*a, **kw):
+            calls[f] = calls.get(f, 0) + 1
+            return fn(*a, **kw)
+        return call
+
+    for f, fn in saved.items():
+        setattr(native, f, counted(f, fn))
+    try:
+        yield
+    finally:
+        for f, fn in saved.items():
+            setattr(native, f, fn)
+
+
 def _suite(rank, world, pg):
     import test_distributed_vocab as tdv
     from kdkernels.backends.native import _loader
     _loader.load(False)
-    res = {}
-    with _force_backend("native"):
+    res = {"calls": {}}
+    with _force_backend("native"), _count_native_passes(res["calls"]):
         for name in E2E:
             op, kw = tdv.CASES[name]
             try:
                 res[name] = tdv._check_case(name, op, kw, pg, world, rank)
             except Exception:
                 res[name] = traceback.format_exc()
-        for op in ("linear", "logits"):
+        for op in ALL_IGNORED:
             try:
                 res["ignored_" + op] = tdv._check_all_ignored(op, pg, world, rank)
             except Exception:
@@ -432,7 +458,14 @@ def test_native_vocab_parallel_equals_single_process(native, case):
     assert grad_scale > 0, "every gradient is 0: the comparison would prove nothing"
 
 
-@pytest.mark.parametrize("op", ["linear", "logits"])
+def test_native_passes_ran(native):
+    from kdkernels.distributed.shard_dispatch import SHARD_OPS
+    for rank, res in enumerate(_e2e_results()):
+        for f in sorted({f for fs in SHARD_OPS.values() for f in fs}):
+            assert res["calls"].get(f, 0) > 0, f"rank {rank}: native {f} never ran ({res['calls']})"
+
+
+@pytest.mark.parametrize("op", ALL_IGNORED)
 def test_native_vocab_parallel_all_ignored_is_exactly_zero(native, op):
     for rank, res in enumerate(_e2e_results()):
         meas = res["ignored_" + op]
