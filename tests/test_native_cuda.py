@@ -183,3 +183,59 @@ def test_akl_opcheck_cuda():
     for name, args in _akl_args(ops).items():
         cuda_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
         opcheck(getattr(ops, name).default, cuda_args)
+
+
+# --------------------------------------------------------------------------------------------------
+# Vocab-parallel shard passes (tests/test_native_shard.py's cases, on CUDA tensors): the native CUDA
+# passes against shard_torch fp64, within 2x shard_torch fp32's error (on the same device) + a floor.
+
+SHARD_DENSE = ("fkl_ce", "rkl_T2_ce_chunks", "skewr_softcap_ce", "tvd_separated", "fkl_bf16_ce", "ce_only")
+SHARD_SPARSE = ("bucket_fkl_ce", "bucket_rkl_T2_chunks", "renorm_both_skewr", "weights_fkl_softcap",
+                "bucket_skewf_bf16")
+
+
+@pytest.mark.parametrize("op", ["logits", "linear"])
+@pytest.mark.parametrize("case", SHARD_DENSE)
+def test_shard_dense_passes_cuda(op, case):
+    _need_cuda()
+    import test_native_shard as S
+    from kdkernels.backends import native
+    S.check_dense_case(native, op, case, "cuda")
+
+
+@pytest.mark.parametrize("case", SHARD_SPARSE)
+def test_shard_sparse_passes_cuda(case):
+    _need_cuda()
+    import test_native_shard as S
+    from kdkernels.backends import native
+    S.check_sparse_case(native, case, "cuda")
+
+
+def test_shard_empty_and_opcheck_cuda():
+    """An empty shard on CUDA (0 columns) and the schemas / Meta kernels of the shard ops on CUDA."""
+    _need_cuda()
+    from kdkernels.backends import native
+    from kdkernels.backends.native._shard import _lists
+    from kdkernels.options import KDOptions
+    opts = KDOptions(divergence="jsd", ce_weight=0.5)
+    n, h = 9, 16
+    hs, ht = torch.randn(n, h, device="cuda"), torch.randn(n, h, device="cuda")
+    ws = torch.randn(0, h, device="cuda")
+    labels = torch.full((n,), -2, device="cuda")
+    lse, picked = native.linear_kd_shard_stats(hs, ws, None, ht, ws, None, labels, opts)
+    assert torch.isinf(lse[:, 0]).all() and not picked.any()
+    dh, dw, _ = native.linear_kd_shard_backward(hs, ws, None, ht, ws, None, labels, torch.zeros(n, 4, device="cuda"),
+                                                torch.ones(n, device="cuda"), opts, (True, True, False))
+    assert dh.dtype == torch.float32 and not dh.any() and dw.shape == (0, h)
+    f, i = _lists(opts)
+    ops = torch.ops.kdkernels_native
+    w, wt = torch.randn(40, h, device="cuda"), torch.randn(40, h, device="cuda")
+    lab = torch.tensor([0, -1, -2, 39, 7, 1, 2, 3, -1], device="cuda")
+    glse = torch.randn(n, 3, device="cuda") + 6
+    ids = torch.tensor([[0, 3, -1]] * n, device="cuda")
+    for name, args in (("kd_shard_stats", (hs @ w.T, ht @ wt.T, lab, f, i)),
+                       ("kd_shard_terms", (hs @ w.T, ht @ wt.T, glse, f, i)),
+                       ("linear_kd_shard_stats", (hs, w, None, ht, wt, None, lab, f, i)),
+                       ("linear_kd_shard_terms", (hs, w, None, ht, wt, None, glse, f, i)),
+                       ("linear_sparse_kd_shard_stats", (hs, w, None, ids, lab, f, i))):
+        torch.library.opcheck(getattr(ops, name).default, args, test_utils=("test_schema", "test_faketensor"))

@@ -147,6 +147,15 @@ def _global_dense_stats(d, op, opts, labels_global=None):
 @pytest.mark.parametrize("op", ["logits", "linear"])
 @pytest.mark.parametrize("case", list(DENSE))
 def test_dense_passes_match_torch_reference(native, op, case):
+    check_dense_case(native, op, case, "cpu")
+
+
+def _to(device, *ts):
+    return tuple(None if t is None else t.to(device) for t in ts)
+
+
+def check_dense_case(native, op, case, device):
+    """One DENSE case on `device` (tests/test_native_cuda.py runs it on CUDA)."""
     from kdkernels.distributed import shard_torch as ref
     kw = DENSE[case]
     if op == "logits" and ("student_softcap" in kw or kw.get("bias")):
@@ -155,6 +164,8 @@ def test_dense_passes_match_torch_reference(native, op, case):
     dtype = kw.get("dtype", torch.float32)
     d, labels, grad_rows, _ = _dense_data(case + op, kw, op)
     gst = _global_dense_stats(d, op, opts)
+    d = {k: (t.to(device) if t is not None else None) for k, t in d.items()}
+    labels, grad_rows, gst = _to(device, labels, grad_rows, gst)
     a64, a = _shard_args(d, op, torch.float64), _shard_args(d, op, dtype)
     pre = "" if op == "logits" else "linear_"
     fn = lambda mod, what: getattr(mod, f"{pre}kd_shard_{what}")
@@ -226,6 +237,11 @@ def _sparse_data(name, kw):
 
 @pytest.mark.parametrize("case", list(SPARSE))
 def test_sparse_passes_match_torch_reference(native, case):
+    check_sparse_case(native, case, "cpu")
+
+
+def check_sparse_case(native, case, device):
+    """One SPARSE case on `device` (tests/test_native_cuda.py runs it on CUDA)."""
     from kdkernels.backends.torch import sparse
     from kdkernels.distributed import shard_torch as ref
     from kdkernels.distributed.vocab_parallel import _local_teacher
@@ -233,6 +249,8 @@ def test_sparse_passes_match_torch_reference(native, case):
     opts = _opts(**{k: v for k, v in kw.items() if k not in _NOT_OPTS})
     dtype = kw.get("dtype", torch.float32)
     d, labels, grad_rows = _sparse_data(case, kw)
+    d = {k: (t.to(device) if t is not None else None) for k, t in d.items()}
+    labels, grad_rows = _to(device, labels, grad_rows)
     ids, vals = d["ids"], d["vals"]
     loc = ids - START
     local_ids = torch.where((ids >= 0) & (loc >= 0) & (loc < SIZE), loc, -1)
