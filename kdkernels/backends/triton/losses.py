@@ -410,7 +410,6 @@ def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, o
     if opts.divergence == "akl":
         stats, akl = _sparse_akl_stats(stats, akl_weights)
     stats, grad_rows = stats.contiguous(), grad_rows.contiguous()
-    k = ids.shape[1]
     has_kd = bool(opts.kd_weight)
     if has_kd:
         lpk, dense = _sparse_rows(None, ids, vals, stats[:, 0].contiguous(), None, stats, v, opts,
