@@ -9,6 +9,9 @@ reshard_after_forward, so the loss must run as a forward of the head).
   shards, the logged loss. Ragged sequences, so the ranks' token counts differ.
   Oracle on the updates u = theta_3 - theta_0 (and on the logged losses): |u_fsdp - u_64| <=
   2 |u_single32 - u_64| + 32 ulp(fp32) of max |u_64|, u_64 the single-process run in float64.
+  The same bound on the gradients of one unclipped step (train() leaves them in .grad): those
+  differ by rounding only, and a gradient off by a constant factor shows there (clipping and
+  AdamW's scale invariance hide it from the updates).
 - Resume: a run stopped after 2 steps (checkpoint: full state dicts written by rank 0) and resumed
   from a different initialization reproduces the uninterrupted run bitwise, and the checkpoint loads
   into a plain (unsharded) model.
@@ -53,13 +56,18 @@ def _data():
     return out
 
 
-def _cfg(grad_accum, steps=STEPS, out_dir=None):
+def _cfg(grad_accum, steps=STEPS, out_dir=None, clip=1.0):
     from kdkernels.train import TrainConfig
     # warm-up longer than the run: the LR schedule does not depend on `steps` (the resumed run and
     # the uninterrupted one see the same LRs); clipping at 1.0 is active (initial norms are larger)
     return TrainConfig(steps=steps, batch_size=2, grad_accum=grad_accum, lr=1e-2, warmup_steps=4,
-                       ce_weight=0.5, device="cpu", log_every=1, seed=0, max_grad_norm=1.0,
+                       ce_weight=0.5, device="cpu", log_every=1, seed=0, max_grad_norm=clip,
                        backend="torch", out_dir=out_dir, save_every=0)
+
+
+def _grads(model, full=lambda t: t):
+    """The last step's gradients, which train() leaves in .grad."""
+    return {k: full(p.grad).detach().clone() for k, p in model.named_parameters()}
 
 
 def _sharded(seed, layout="root_head"):
@@ -91,6 +99,9 @@ def _worker(rank, world, port, out_dir):
             assert type(model.lm_head.weight).__name__ == "DTensor"
             res[layout, "history"] = train(model, data, _cfg(ACCUM), log=None).history
             res[layout, "params"] = _full(model)
+            model = _sharded(seed=0, layout=layout)
+            train(model, data, _cfg(ACCUM, steps=1, clip=None), log=None)
+            res[layout, "grads"] = _grads(model, lambda t: t.full_tensor())
 
         ck = os.path.join(out_dir, "ckpt")
         first = _sharded(seed=0)
@@ -129,7 +140,10 @@ def _single(dtype, layout):
     if dtype == torch.float64:
         data = [{**e, "teacher_values": e["teacher_values"].double()} for e in data]
     hist = train(model, data, _cfg(ACCUM * WORLD), log=None).history
-    return theta0, {k: p.detach().clone() for k, p in model.named_parameters()}, hist
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    model = _model(seed=0, dtype=dtype, tied=layout == "root_head")
+    train(model, data, _cfg(ACCUM * WORLD, steps=1, clip=None), log=None)
+    return theta0, params, hist, _grads(model)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +165,7 @@ def runs():
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_fsdp2_steps_equal_single_process(runs, layout):
     ranks, _, singles = runs
-    (theta0, single, hist32), (_, ref, hist64) = singles[layout, torch.float32], singles[layout, torch.float64]
+    (theta0, single, hist32, _), (_, ref, hist64, _) = singles[layout, torch.float32], singles[layout, torch.float64]
     assert ("lm_head.weight" in ref) == (layout == "head_apart")    # untied: a parameter of its own
     for rank, res in enumerate(ranks):
         got = res[layout, "params"]
@@ -173,6 +187,25 @@ def test_fsdp2_steps_equal_single_process(runs, layout):
                 assert abs(h[key] - h64[key]) <= tol, (rank, h["step"], key, h[key], h64[key])
     # clipping was active (the steps test clip_grad_norm_ on DTensor gradients)
     assert hist32[0]["grad_norm"] > 1.0
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fsdp2_first_step_gradients_equal_single_process(runs, layout):
+    """The gradients of one unclipped step, at the same point for every run: rounding only. (The
+    parameters after 3 AdamW steps above also carry AdamW's response to rounding in entries whose
+    gradient is near its eps; clipping and AdamW would hide a gradient off by a constant factor.)"""
+    ranks, _, singles = runs
+    g32, g64 = singles[layout, torch.float32][3], singles[layout, torch.float64][3]
+    for rank, res in enumerate(ranks):
+        got = res[layout, "grads"]
+        assert set(got) == set(g64)
+        for k, r in g64.items():
+            r = r.double()
+            scale = float(r.abs().max())
+            assert scale > 0, k
+            err = float((got[k].double() - r).abs().max())
+            base = float((g32[k].double() - r).abs().max())
+            assert err <= 2 * base + 32 * EPS32 * scale, (rank, k, err, base, scale)
 
 
 def test_fsdp2_resume_reproduces_uninterrupted_run(runs):
