@@ -80,6 +80,22 @@ def _batches(lengths: list[int], budget: int) -> list[range]:
     return out
 
 
+def encode_batch(codec: Codec, settings: dict, part: list, tid: np.ndarray, tval: np.ndarray,
+                 lp_next: np.ndarray, tail) -> tuple[list, int]:
+    """The host side of one teacher batch: rows of `part`'s sequences (sequence-major, as the head
+    ops return them) -> ([(tokens, side arrays, stream, entries) per sequence], max id)."""
+    max_id = int(tid.max(initial=-1))
+    encoded, t0 = [], 0
+    for q in part:
+        n = len(q)
+        sl = slice(t0, t0 + n)
+        side, stream = codec.encode(tid[sl], tval[sl], lp_next[sl], None if tail is None else tail[sl])
+        entries = n * settings["k"] if settings["mode"] == "topk" else int(side["count"].astype(np.int64).sum())
+        encoded.append((q.astype(codec.id_dtype), side, stream, entries))
+        t0 += n
+    return encoded, max_id
+
+
 class _ShardBuilder:
     def __init__(self, model, head: T.TeacherHead, codec: Codec, settings: dict, backend):
         self.model, self.head, self.codec, self.s, self.backend = model, head, codec, settings, backend
@@ -119,15 +135,9 @@ class _ShardBuilder:
             lp_next = self.head.logprob_of(rows, nxt, res.logsumexp, s["temperature"])
             lp_next = torch.where(last, torch.nan, lp_next).cpu().numpy()
             tid, tval = tid.cpu().numpy(), tval.cpu().numpy()
-            max_id = max(max_id, int(tid.max(initial=-1)))
-            t0 = 0
-            for q, n in zip(part, lens):
-                sl = slice(t0, t0 + n)
-                side, stream = self.codec.encode(tid[sl], tval[sl], lp_next[sl],
-                                                 None if tail is None else tail[sl])
-                entries = n * s["k"] if s["mode"] == "topk" else int(side["count"].astype(np.int64).sum())
-                encoded.append((q.astype(self.codec.id_dtype), side, stream, entries))
-                t0 += n
+            out, mid = encode_batch(self.codec, s, part, tid, tval, lp_next, tail)
+            encoded.extend(out)
+            max_id = max(max_id, mid)
             bar.update(sum(lens))
         return encoded, max_id
 
