@@ -5,9 +5,10 @@ kdkernels/distributed/shard_torch.py is the contract), CPU build.
    inputs (local labels with -1 / -2, local ids, GLOBAL statistics from the full vocabulary), both
    against shard_torch on float64 inputs. Oracle: max |native - ref64| <= 2 max |shard_torch fp32 -
    ref64| + 32 ulp(fp32) (+ 2 ulp of the output dtype) of the quantity's scale.
-2. End to end on a 2-process gloo group: tests/test_distributed_vocab.py's checks (its data, float64
+2. End to end on 2- and 4-process gloo groups: tests/test_distributed_vocab.py's checks (its data, float64
    reference and oracle: vocab-parallel vs ref64 within 2x the single-process error + a floor) with
-   every loss call forced to backend="native", single-process run included; uneven shards.
+   every loss call forced to backend="native", single-process run included; uneven shards
+   (4 processes: one rank holds 0 columns, one holds 1).
 """
 from __future__ import annotations
 
@@ -365,7 +366,7 @@ E2E = ("linear_fkl_mean", "linear_rkl_T2_ce", "linear_jsd_bias_sum", "linear_ske
        "sparse_bucket_fkl", "sparse_bucket_jsd_bias", "sparse_renorm_teacher_tvd", "sparse_renorm_both_skewr",
        "sparse_weights_fkl_softcap", "sparse_vocab_cut", "sparse_bf16")
 ALL_IGNORED = ("linear", "logits", "sparse")
-WORLD = 2
+WORLDS = (2, 4)   # test_distributed_vocab.SPLITS: [400, 631] and [500, 0, 1, 530] (an empty and a 1-column shard)
 
 
 @contextlib.contextmanager
@@ -450,23 +451,22 @@ def _worker(rank, world, port, out_dir):
 
 
 @functools.lru_cache(maxsize=None)
-def _e2e_results():
+def _e2e_results(world):
     import torch.multiprocessing as mp
     from test_distributed_harness import _free_port
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(WORLD, _free_port(), tmp), nprocs=WORLD, start_method="spawn")
-        out = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
+        mp.start_processes(_worker, args=(world, _free_port(), tmp), nprocs=world, start_method="spawn")
+        out = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
     for rank, res in enumerate(out):
         assert not isinstance(res, str), f"rank {rank} failed:\n{res}"
     return out
 
 
+@pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("case", E2E)
-def test_native_vocab_parallel_equals_single_process(native, case):
-    import test_distributed_vocab as tdv
-    assert tdv.SPLITS[WORLD] == [400, 631]
+def test_native_vocab_parallel_equals_single_process(native, case, world):
     grad_scale = 0.0
-    for rank, res in enumerate(_e2e_results()):
+    for rank, res in enumerate(_e2e_results(world)):
         meas = res[case]
         assert not isinstance(meas, str), f"rank {rank} raised:\n{meas}"
         for k, (err, tol, scale) in meas.items():
@@ -476,16 +476,18 @@ def test_native_vocab_parallel_equals_single_process(native, case):
     assert grad_scale > 0, "every gradient is 0: the comparison would prove nothing"
 
 
-def test_native_passes_ran(native):
+@pytest.mark.parametrize("world", WORLDS)
+def test_native_passes_ran(native, world):
     from kdkernels.distributed.shard_dispatch import SHARD_OPS
-    for rank, res in enumerate(_e2e_results()):
+    for rank, res in enumerate(_e2e_results(world)):
         for f in sorted({f for fs in SHARD_OPS.values() for f in fs}):
             assert res["calls"].get(f, 0) > 0, f"rank {rank}: native {f} never ran ({res['calls']})"
 
 
+@pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("op", ALL_IGNORED)
-def test_native_vocab_parallel_all_ignored_is_exactly_zero(native, op):
-    for rank, res in enumerate(_e2e_results()):
+def test_native_vocab_parallel_all_ignored_is_exactly_zero(native, op, world):
+    for rank, res in enumerate(_e2e_results(world)):
         meas = res["ignored_" + op]
         assert not isinstance(meas, str), f"rank {rank} raised:\n{meas}"
         for k, (mx, finite) in meas.items():
