@@ -85,15 +85,15 @@ def encode_batch(codec: Codec, settings: dict, part: list, tid: np.ndarray, tval
     """The host side of one teacher batch: rows of `part`'s sequences (sequence-major, as the head
     ops return them) -> ([(tokens, side arrays, stream, entries) per sequence], max id)."""
     max_id = int(tid.max(initial=-1))
-    encoded, t0 = [], 0
-    for q in part:
-        n = len(q)
-        sl = slice(t0, t0 + n)
-        side, stream = codec.encode(tid[sl], tval[sl], lp_next[sl], None if tail is None else tail[sl])
-        entries = n * settings["k"] if settings["mode"] == "topk" else int(side["count"].astype(np.int64).sum())
-        encoded.append((q.astype(codec.id_dtype), side, stream, entries))
-        t0 += n
-    return encoded, max_id
+    lens = np.array([len(q) for q in part], dtype=np.int64)
+    side, streams = codec.encode_many(tid, tval, lp_next, tail, lens)
+    edges = np.concatenate([[0], np.cumsum(lens)])
+    if settings["mode"] == "topk":
+        entries = (lens * settings["k"]).tolist()
+    else:
+        entries = np.add.reduceat(side["count"].astype(np.int64), edges[:-1]).tolist()
+    return [(q.astype(codec.id_dtype), {name: a[edges[i]:edges[i + 1]] for name, a in side.items()},
+             streams[i], entries[i]) for i, q in enumerate(part)], max_id
 
 
 class _ShardBuilder:

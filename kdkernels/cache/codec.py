@@ -52,10 +52,21 @@ def dequantize_scalar(code: np.ndarray) -> np.ndarray:
 
 def rice_parameter(d: np.ndarray, n: np.ndarray) -> np.ndarray:
     """Per row, r minimizing n r + sum_i (d_i >> r) (the Rice-coded size; smallest r on ties).
-    d: (L, m) nonnegative int64, zero in unused slots."""
-    cands = np.arange(17, dtype=np.int64)
-    cost = n[:, None] * cands[None, :] + (d[:, :, None] >> cands[None, None, :]).sum(axis=1)
-    return np.argmin(cost, axis=1).astype(np.int64)
+    d: (L, m) nonnegative integers < 2^16 (any int dtype), zero in unused slots.
+    r = 0, 1, ... is scanned until every d >> r is 0 (from there on the cost only grows by n per step)."""
+    d = np.asarray(d).astype(np.uint32, copy=False)
+    n = np.asarray(n, dtype=np.int64)
+    best = d.sum(axis=1, dtype=np.int64)                 # cost at r = 0
+    arg = np.zeros(d.shape[0], dtype=np.int64)
+    for r in range(1, 17):
+        d = d >> 1
+        cost = n * r + d.sum(axis=1, dtype=np.int64)
+        better = cost < best
+        best = np.where(better, cost, best)
+        arg = np.where(better, r, arg)
+        if not d.any():
+            break
+    return arg
 
 
 @dataclass(frozen=True)
@@ -95,35 +106,46 @@ class Codec:
         topk: ids (L, k) distinct per row, values (L, k) log-probs, any order.
         sample: ids (L, m) ascending with -1 padding at the end, values (L, m) weights count/draws.
         """
-        ids = np.asarray(ids, dtype=np.int64)
-        values = np.asarray(values, dtype=np.float32)
+        side, streams = self.encode_many(ids, values, lp_next, tail, [len(ids)])
+        return side, streams[0]
+
+    def encode_many(self, ids: np.ndarray, values: np.ndarray, lp_next: np.ndarray,
+                    tail: Optional[np.ndarray], lengths) -> tuple[dict, list]:
+        """Consecutive sequences of `lengths` positions (rows of ids/values, sequence-major) in one
+        vectorized pass -> (side arrays of all rows, [stream bytes per sequence]). Each sequence's
+        stream is exactly `encode`'s for it alone: its row offsets start at bit 0 of its own bytes."""
+        ids = np.asarray(ids)
+        values = np.ascontiguousarray(values, dtype=np.float32)
         L, m = ids.shape
         side: dict = {"lp_next": self._scalar(lp_next)}
         if self.mode == "topk":
-            order = np.argsort(ids, axis=1, kind="stable")
-            ids = np.take_along_axis(ids, order, 1)
-            values = np.take_along_axis(values, order, 1)
+            # sort each row by id, carrying the value's float32 bits in the low half of one int64 key
+            # (ids are distinct per row, so the order is the id order and no argsort is needed)
+            key = (ids.astype(np.int64) << 32) | values.view(np.uint32).astype(np.int64)
+            key.sort(axis=1)
+            ids = key >> 32
+            values = (key & 0xFFFFFFFF).astype(np.uint32).view(np.float32)
             n = np.full(L, m, dtype=np.int64)
             side["tail"] = self._scalar(tail)
             if self.lossless:
                 side["values"] = values.astype("<f4")
-                return side, self._stream(ids, None, n)
-            codes = np.clip(np.rint(-np.minimum(values.astype(np.float64), 0.0) / self.step),
-                            0, VALUE_CODE_MAX).astype(np.int64)
-            base = codes.max(axis=1) if m else np.zeros(L, np.int64)
+                return side, self._streams(ids, None, n, lengths)
+            codes = np.clip(np.rint(-np.minimum(values, np.float32(0.0)).astype(np.float64) / self.step),
+                            0, VALUE_CODE_MAX).astype(np.int32)
+            base = codes.max(axis=1) if m else np.zeros(L, np.int32)
             d = base[:, None] - codes
             side["vbase"] = base.astype("<u2")
         else:
-            n = (ids >= 0).sum(axis=1).astype(np.int64)
-            counts = np.rint(values.astype(np.float64) * self.width).astype(np.int64)
-            d = np.where(ids >= 0, counts - 1, 0)
+            ids = ids.astype(np.int64, copy=False)
+            valid = ids >= 0
+            n = valid.sum(axis=1).astype(np.int64)
+            counts = np.rint(values.astype(np.float64) * self.width).astype(np.int32)
+            d = np.where(valid, counts - 1, 0)
             side["count"] = n.astype(self.count_dtype)
-        valid = np.arange(m)[None, :] < n[:, None]
-        d = np.where(valid, d, 0)
         r = rice_parameter(d, n)
         side["vrice"] = r.astype("u1")
-        side["vlen"] = ((d >> r[:, None]).sum(axis=1) + n).astype(self.vlen_dtype)
-        return side, self._stream(ids, (d, r, side["vlen"].astype(np.int64)), n)
+        side["vlen"] = ((d >> r[:, None].astype(d.dtype)).sum(axis=1, dtype=np.int64) + n).astype(self.vlen_dtype)
+        return side, self._streams(ids, (d, r, side["vlen"].astype(np.int64)), n, lengths)
 
     @property
     def vlen_dtype(self) -> str:
@@ -140,33 +162,58 @@ class Codec:
         off = np.concatenate([[0], np.cumsum(length)[:-1]]) if len(n) else np.zeros(0, np.int64)
         return low, high, off, int(length.sum())
 
-    def _stream(self, ids, rice, n) -> np.ndarray:
+    def _streams(self, ids, rice, n, lengths) -> list:
+        """One pack for all rows; sequence s's stream starts on a byte boundary at bit 0 of its own.
+        Row offsets: off_p = 8 * (bytes of the sequences before p's) + (bits of p's sequence rows
+        before p). Returns per-sequence uint8 views into one buffer."""
         L, m = ids.shape
+        lengths = np.asarray(lengths, dtype=np.int64)
         zeros = np.zeros(L, dtype=np.int64)
         r, vlen = (rice[1], rice[2]) if rice is not None else (zeros, zeros)
-        low, high, off, total = self._layout(n, r, vlen)
-        valid = np.arange(m)[None, :] < n[:, None]
-        rows, j = np.nonzero(valid)
-        x = ids[rows, j]
-        pos = [off[rows] + j * low[rows]]
-        val = [x & ((1 << low[rows]) - 1)]
-        wid = [low[rows]]
-        ones = [off[rows] + n[rows] * low[rows] + (x >> low[rows]) + j]
+        low = bits.ef_low_bits(n, self.vocab_size)
+        high = bits.ef_high_bits(n, low, self.vocab_size)
+        length = n * low + high + n * r + vlen
+        seq_first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        seq_bits = np.add.reduceat(length, seq_first) if L else np.zeros(len(lengths), np.int64)
+        seq_bits = np.where(lengths > 0, seq_bits, 0)
+        seq_bytes = (seq_bits + 7) // 8
+        seq_start = 8 * np.concatenate([[0], np.cumsum(seq_bytes)[:-1]])
+        within = np.cumsum(length) - length                  # exclusive cumsum over all rows
+        seq_of_row = np.repeat(np.arange(len(lengths)), lengths)
+        off = seq_start[seq_of_row] + within - within[seq_first][seq_of_row] if L else zeros
+        total = int(8 * seq_bytes.sum())
+        # entry e = slot j of row p (the used slots of a row are its first n_p); per-row quantities
+        # are repeated n_p times, which is cheaper than gathering them by row index
+        if m == 0 or (n == m).all():
+            x = ids.reshape(-1).astype(np.int64, copy=False)
+            j = np.tile(np.arange(m, dtype=np.int64), L)
+            dv = rice[0].reshape(-1).astype(np.int64) if rice is not None else None
+        else:
+            used = np.arange(m)[None, :] < n[:, None]
+            x = ids[used].astype(np.int64, copy=False)
+            row_start = np.cumsum(n) - n
+            j = np.arange(x.size, dtype=np.int64) - np.repeat(row_start, n)
+            dv = rice[0][used].astype(np.int64) if rice is not None else None
+        lr, orow, nr = np.repeat(low, n), np.repeat(off, n), np.repeat(n, n)
+        pos = [orow + j * lr]
+        val = [x & ((1 << lr) - 1)]
+        wid = [lr]
+        ones = [orow + nr * lr + (x >> lr) + j]
         if rice is not None:
-            d = rice[0][rows, j]
-            rr = r[rows]
-            vstart = off + n * low + high
-            pos.append(vstart[rows] + j * rr)
-            val.append(d & ((1 << rr) - 1))
+            rr = np.repeat(r, n)
+            vstart = np.repeat(off + n * low + high, n)
+            pos.append(vstart + j * rr)
+            val.append(dv & ((1 << rr) - 1))
             wid.append(rr)
-            q1 = (d >> rr) + 1                              # unary: q zeros then a one
-            ends = np.cumsum(q1)
-            row_start = np.concatenate([[0], np.cumsum(n)[:-1]]) if L else zeros
-            before = ends - np.repeat(ends[row_start - 1] * (row_start > 0), n) if len(ends) else ends
-            ones.append(vstart[rows] + n[rows] * rr + before - 1)
-        buf = bits.pack(total, np.concatenate(pos), np.concatenate(val), np.concatenate(wid))
-        bits.set_bits(buf, np.concatenate(ones))
-        return buf
+            # unary part of entry (p, j): (d >> r) zeros then a one, so its one sits at
+            # (sum over slots <= j of the row of ((d >> r) + 1)) - 1 past the unary start
+            ends = np.cumsum((dv >> rr) + 1)
+            before = ends - np.repeat(np.concatenate([[0], ends])[np.cumsum(n) - n], n)
+            ones.append(vstart + nr * rr + before - 1)
+        buf = bits.pack(total, np.concatenate(pos), np.concatenate(val), np.concatenate(wid),
+                        ones=np.concatenate(ones))
+        edges = np.concatenate([[0], np.cumsum(seq_bytes)])
+        return [buf[edges[i]:edges[i + 1]] for i in range(len(lengths))]
 
     # ------------------------------------------------------------------ decode
 
