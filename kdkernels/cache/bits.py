@@ -30,10 +30,10 @@ def ef_high_bits(n: np.ndarray, low: np.ndarray, vocab: int) -> np.ndarray:
     return n + ((vocab - 1) >> low) + 1
 
 
-def pack(total_bits: int, pos: np.ndarray, val: np.ndarray, width: np.ndarray,
+def pack(total_bits: int, pos: np.ndarray, val: np.ndarray,
          ones: np.ndarray | None = None) -> np.ndarray:
-    """A zero stream of total_bits (rounded up to bytes) with field i (width[i] <= 64 bits, value
-    val[i] < 2^width[i]) written at bit pos[i], and single 1-bits at positions `ones`. Fields and
+    """A zero stream of total_bits (rounded up to bytes) with field i (value val[i] < 2^w_i, w_i <= 64
+    bits; the width itself is not needed) written at bit pos[i], and single 1-bits at positions `ones`. Fields and
     ones must not overlap. Returns uint8.
     Disjoint bits make OR equal to ADD, so the words are accumulated with np.add.at (numpy's fast
     indexed path, several times faster than bitwise_or.at): a field at p adds val << (p mod 64) to
@@ -42,15 +42,12 @@ def pack(total_bits: int, pos: np.ndarray, val: np.ndarray, width: np.ndarray,
     words = np.zeros(nwords, dtype=_U64)
     pos = np.asarray(pos, dtype=np.int64)
     val = np.asarray(val, dtype=np.uint64)
-    width = np.asarray(width, dtype=np.int64)
-    keep = width > 0
-    pos, val, width = pos[keep], val[keep], width[keep]
     idx = pos >> 6
     sh = (pos & 63).astype(np.uint64)
     np.add.at(words, idx, val << sh)
-    spill = (pos & 63) + width > 64
-    if spill.any():
-        np.add.at(words, idx[spill] + 1, val[spill] >> (np.uint64(64) - sh[spill]))
+    # the part past the word edge, val >> (64 - sh), is 0 unless the field crosses it; written as
+    # (val >> 1) >> (63 - sh) so that sh = 0 never shifts by 64. A 0-width field has val = 0.
+    np.add.at(words, idx + 1, (val >> np.uint64(1)) >> (np.uint64(63) - sh))
     if ones is not None:
         ones = np.asarray(ones, dtype=np.int64)
         np.add.at(words, ones >> 6, np.uint64(1) << (ones & 63).astype(np.uint64))

@@ -197,20 +197,18 @@ class Codec:
         lr, orow, nr = np.repeat(low, n), np.repeat(off, n), np.repeat(n, n)
         pos = [orow + j * lr]
         val = [x & ((1 << lr) - 1)]
-        wid = [lr]
         ones = [orow + nr * lr + (x >> lr) + j]
         if rice is not None:
             rr = np.repeat(r, n)
             vstart = np.repeat(off + n * low + high, n)
             pos.append(vstart + j * rr)
             val.append(dv & ((1 << rr) - 1))
-            wid.append(rr)
             # unary part of entry (p, j): (d >> r) zeros then a one, so its one sits at
             # (sum over slots <= j of the row of ((d >> r) + 1)) - 1 past the unary start
             ends = np.cumsum((dv >> rr) + 1)
             before = ends - np.repeat(np.concatenate([[0], ends])[np.cumsum(n) - n], n)
             ones.append(vstart + nr * rr + before - 1)
-        buf = bits.pack(total, np.concatenate(pos), np.concatenate(val), np.concatenate(wid),
+        buf = bits.pack(total, np.concatenate(pos), np.concatenate(val),
                         ones=np.concatenate(ones))
         edges = np.concatenate([[0], np.cumsum(seq_bytes)])
         return [buf[edges[i]:edges[i + 1]] for i in range(len(lengths))]
