@@ -10,6 +10,7 @@ rank 0's shards, and once more, complete, after all ranks have finished.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -24,6 +25,7 @@ from .. import teacher as T
 from . import manifest as M
 from .codec import Codec
 from .data import Sequences, tokenize
+from .pipeline import HostPipeline, to_host
 from .shard import entry_from_file, write_shard
 
 _log = logging.getLogger("kdkernels.cache")
@@ -96,50 +98,64 @@ def encode_batch(codec: Codec, settings: dict, part: list, tid: np.ndarray, tval
              streams[i], entries[i]) for i, q in enumerate(part)], max_id
 
 
+def encode_arrays(codec: Codec, settings: dict, part: list, arrays: list) -> tuple[list, int]:
+    tid, tval, lp_next, tail = arrays
+    return encode_batch(codec, settings, part, tid, tval, lp_next, tail)
+
+
 class _ShardBuilder:
     def __init__(self, model, head: T.TeacherHead, codec: Codec, settings: dict, backend):
         self.model, self.head, self.codec, self.s, self.backend = model, head, codec, settings, backend
         self.device = head.weight.device
 
+    def _put(self, x: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(x)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
     @torch.no_grad()
-    def run(self, index: int, seqs: list[np.ndarray], bar) -> tuple[list, int]:
+    def run(self, index: int, seqs: list[np.ndarray], bar, pipe: HostPipeline) -> None:
+        """Enqueue shard `index`'s batches: device work here, encoding in `pipe` (no host sync here
+        beyond what the head ops do)."""
         s = self.s
         gen = None
         if s["mode"] == "sample":
             gen = torch.Generator(device=self.device)
             gen.manual_seed(_shard_seed(s["seed"], index))
-        encoded, max_id = [], -1
         for batch in _batches([len(q) for q in seqs], s["tokens_per_batch"]):
             part = [seqs[i] for i in batch]
-            lens = [len(q) for q in part]
-            ids = torch.zeros(len(part), max(lens), dtype=torch.long)
-            mask = torch.zeros_like(ids)
+            lens = np.array([len(q) for q in part], dtype=np.int64)
+            width = int(lens.max())
+            ids = np.zeros((len(part), width), dtype=np.int64)
+            mask = np.zeros_like(ids)
+            nxt = np.zeros(int(lens.sum()), dtype=np.int64)   # next token per row, 0 at a sequence's end
+            starts = np.cumsum(lens) - lens
             for b, q in enumerate(part):
-                ids[b, :len(q)] = torch.from_numpy(q.astype(np.int64))
+                ids[b, :len(q)] = q
                 mask[b, :len(q)] = 1
-            ids, mask = ids.to(self.device), mask.to(self.device)
-            hidden = T.hidden_states(self.model, ids, mask)
-            rows = hidden[mask.bool()]                       # (N, H), sequence-major
-            nxt = torch.cat([torch.cat([ids[b, 1:n], ids.new_zeros(1)]) for b, n in enumerate(lens)])
-            last = torch.zeros(rows.shape[0], dtype=torch.bool, device=self.device)
-            last[torch.tensor(np.cumsum(lens) - 1, device=self.device)] = True
+                nxt[starts[b]:starts[b] + len(q) - 1] = q[1:]
+            flat = (np.arange(len(part))[:, None] * width + np.arange(width)[None, :])[mask.astype(bool)]
+            last = np.zeros(int(lens.sum()), dtype=bool)
+            last[starts + lens - 1] = True
+            ids_d, mask_d = self._put(ids), self._put(mask)
+            flat_d, nxt_d, last_d = self._put(flat), self._put(nxt), self._put(last)
+            hidden = T.hidden_states(self.model, ids_d, mask_d)
+            rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_d)   # (N, H), sequence-major
             if s["mode"] == "topk":
                 res = self.head.topk(rows, s["k"], s["temperature"], backend=self.backend)
                 tid, tval = res.ids, res.logprobs
                 inside = torch.logsumexp(res.logprobs.double(), 1).clamp_max(0.0)
-                tail = torch.log(-torch.expm1(inside)).float().cpu().numpy()
+                tail = torch.log(-torch.expm1(inside)).float()
             else:
                 res = self.head.sample(rows, s["draws"], s["temperature"], generator=gen,
                                        backend=self.backend)
                 tid, tval, tail = res.ids, res.weights, None
-            lp_next = self.head.logprob_of(rows, nxt, res.logsumexp, s["temperature"])
-            lp_next = torch.where(last, torch.nan, lp_next).cpu().numpy()
-            tid, tval = tid.cpu().numpy(), tval.cpu().numpy()
-            out, mid = encode_batch(self.codec, s, part, tid, tval, lp_next, tail)
-            encoded.extend(out)
-            max_id = max(max_id, mid)
-            bar.update(sum(lens))
-        return encoded, max_id
+            lp_next = self.head.logprob_of(rows, nxt_d, res.logsumexp, s["temperature"])
+            lp_next = torch.where(last_d, torch.nan, lp_next)
+            # ids < 2^31: half the copy; the codec takes any integer dtype
+            pipe.add_batch(part, to_host([tid.to(torch.int32), tval, lp_next, tail]))
+            bar.update(int(lens.sum()))
 
 
 def build(model_or_path, texts_or_files, out_dir, *, mode: str = "topk", k: int = 64,
@@ -148,7 +164,8 @@ def build(model_or_path, texts_or_files, out_dir, *, mode: str = "topk", k: int 
           gguf_file: Optional[str] = None, pack: bool = True, text_field: str = "text",
           seed: int = 0, shard_tokens: int = DEFAULT_SHARD_TOKENS,
           value_step: float = DEFAULT_VALUE_STEP, dtype="float32", device=None,
-          backend: Optional[str] = None, progress: bool = True) -> Path:
+          backend: Optional[str] = None, progress: bool = True,
+          host_workers: Optional[int] = None) -> Path:
     """Build (or finish building) a teacher cache in `out_dir`; returns its path.
 
     model_or_path: a model directory or .gguf file (loaded offline with `dtype` on `device`), a
@@ -156,6 +173,8 @@ def build(model_or_path, texts_or_files, out_dir, *, mode: str = "topk", k: int 
     texts_or_files: see kdkernels.cache.data (str = text, Path = file/dataset, list of ints = ids).
     backend: for linear_topk / linear_sample; default "torch" on CPU, "auto" on GPU (recorded in
     the settings: backends may differ in the last bits).
+    host_workers: threads that encode and write while the device runs the next batches (default
+    pipeline.default_workers(); 0 = inline). Does not change a byte of the result.
     Rerunning the same call finishes an interrupted build with identical bytes; a different call into
     the same directory raises SettingsMismatch. Under torchrun the shards are split across ranks.
     """
@@ -247,11 +266,17 @@ def build(model_or_path, texts_or_files, out_dir, *, mode: str = "topk", k: int 
                   dynamic_ncols=True) as bar:
             if rank == 0 and todo != mine:
                 save(done)
-            for j in todo:
-                encoded, max_id = builder.run(j, shard_seqs(j), bar)
-                done[j] = write_shard(out / M.shard_name(j), j, encoded, max_id)
-                if rank == 0:
-                    save(done)
+            def writer(j):
+                def write(encoded, max_id):
+                    done[j] = write_shard(out / M.shard_name(j), j, encoded, max_id)
+                    if rank == 0:
+                        save(done)
+                return write
+            with HostPipeline(functools.partial(encode_arrays, codec, settings),
+                              workers=host_workers) as pipe:
+                for j in todo:
+                    builder.run(j, shard_seqs(j), bar, pipe)
+                    pipe.end_shard(writer(j))
         elapsed = time.perf_counter() - start
         if total:
             _log.info("kdkernels cache: rank %d built %d tokens in %.1f s (%.0f tokens/s)",

@@ -3,6 +3,9 @@
     python -m kdkernels.cache.hostbench [--mode topk|sample|both] [--tokens 65536] [--workers N]
         [--vocab 49152] [--k 64] [--draws 64] [--tokens-per-batch 2048] [--out DIR] [--profile]
 
+`--workers 0` is the sequential host path (encoding inline, then writing); the default runs the build's
+HostPipeline (encoding threads and one writer thread), exactly as build() does.
+
 Feeds the builder's post-GPU path (`builder.encode_batch` and the shard writer) with ready-made head
 outputs of the shapes and value distributions the GPU ops return: top-k ids (N, k) in value order
 with log-probs descending (a Zipf-like teacher, ~10% tail mass), or sampled unique ids ascending
@@ -14,7 +17,9 @@ puts on a GPU build with the same settings.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -66,10 +71,13 @@ def main(argv=None) -> int:
     ap.add_argument("--lossless", action="store_true")
     ap.add_argument("--rounds", type=int, default=2, help="the fastest round is reported")
     ap.add_argument("--out", type=Path, default=Path("cache_hostbench"))
+    ap.add_argument("--workers", type=int, default=None,
+                    help="encoding threads (default: the build's default for this machine; 0 = inline)")
     ap.add_argument("--profile", action="store_true", help="print a cProfile of one round")
     args = ap.parse_args(argv)
 
-    from .builder import _batches, encode_batch
+    from .builder import _batches, encode_arrays
+    from .pipeline import HostPipeline, default_workers
     from .codec import Codec
     from .shard import write_shard
 
@@ -79,7 +87,8 @@ def main(argv=None) -> int:
     seqs = [rng.integers(0, args.vocab, args.seq_len) for _ in range(nseq)]
     shard_sequences = max(1, args.shard_tokens // args.seq_len)
     results = {"tokens": ntok, "vocab": args.vocab, "tokens_per_batch": args.tokens_per_batch,
-               "shard_tokens": shard_sequences * args.seq_len}
+               "shard_tokens": shard_sequences * args.seq_len, "cpus": os.cpu_count(),
+               "workers": default_workers() if args.workers is None else args.workers}
     modes = ("topk", "sample") if args.mode == "both" else (args.mode,)
     for mode in modes:
         width = args.k if mode == "topk" else args.draws
@@ -99,20 +108,20 @@ def main(argv=None) -> int:
                 shutil.rmtree(out)
             out.mkdir(parents=True)
             row = 0
-            for j in range(0, nseq, shard_sequences):
-                part_all = seqs[j:j + shard_sequences]
-                encoded, max_id = [], -1
-                for batch in _batches([len(q) for q in part_all], args.tokens_per_batch):
-                    part = [part_all[i] for i in batch]
-                    n = sum(len(q) for q in part)
-                    sl = slice(row, row + n)
-                    enc, mid = encode_batch(codec, settings, part, tid[sl], tval[sl], lp_next[sl],
-                                            None if tail is None else tail[sl])
-                    encoded.extend(enc)
-                    max_id = max(max_id, mid)
-                    row += n
-                write_shard(out / f"shard-{j // shard_sequences:05d}.kdk", j // shard_sequences,
-                            encoded, max_id)
+            with HostPipeline(functools.partial(encode_arrays, codec, settings),
+                              workers=args.workers) as pipe:
+                for j in range(0, nseq, shard_sequences):
+                    part_all = seqs[j:j + shard_sequences]
+                    for batch in _batches([len(q) for q in part_all], args.tokens_per_batch):
+                        part = [part_all[i] for i in batch]
+                        n = sum(len(q) for q in part)
+                        arrays = [tid[row:row + n], tval[row:row + n], lp_next[row:row + n],
+                                  None if tail is None else tail[row:row + n]]
+                        pipe.add_batch(part, lambda a=arrays: a)
+                        row += n
+                    index = j // shard_sequences
+                    pipe.end_shard(lambda enc, mid, i=index: write_shard(
+                        out / f"shard-{i:05d}.kdk", i, enc, mid))
 
         times = []
         for _ in range(args.rounds):
