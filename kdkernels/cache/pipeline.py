@@ -74,6 +74,7 @@ class HostPipeline:
         self._batches: deque = deque()           # futures of batches not yet claimed by a shard
         self._current: list = []                 # batch futures of the shard being fed
         self._shards: deque = deque()
+        self._failed = False
 
     def __enter__(self) -> "HostPipeline":
         return self
@@ -103,12 +104,18 @@ class HostPipeline:
         batches, self._current = self._current, []
 
         def job():
-            encoded, max_id = [], -1
-            for f in batches:
-                enc, mid = f.result()
-                encoded.extend(enc)
-                max_id = max(max_id, mid)
-            write(encoded, max_id)
+            if self._failed:                     # no shard is written after a failed one
+                return
+            try:
+                encoded, max_id = [], -1
+                for f in batches:
+                    enc, mid = f.result()
+                    encoded.extend(enc)
+                    max_id = max(max_id, mid)
+                write(encoded, max_id)
+            except BaseException:
+                self._failed = True
+                raise
         if self.writer is None:
             job()
             return
