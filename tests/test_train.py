@@ -308,3 +308,28 @@ def test_evaluate_matches_full_logits():
 def test_lm_parts_rejects_a_model_without_a_head():
     with pytest.raises(TypeError, match="output embeddings"):
         lm_parts(torch.nn.Linear(3, 3))
+
+
+def test_akl_through_the_loop_uses_mu():
+    """divergence='akl' with TrainConfig.akl_mu: the loop's loss equals one direct call of the fused
+    sparse loss with that mu (and differs from another mu's)."""
+    import kdkernels
+    teacher, student = tiny_llama(h=48, seed=1), tiny_llama(seed=2)
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(40.0)      # a peaked teacher, so that mu changes the head set
+    data = with_topk(ragged(6), teacher, k=16)
+    losses = {}
+    for mu in (0.3, 0.9):
+        cfg = no_update(batch_size=6, grad_accum=1, divergence="akl", akl_mu=mu)
+        res, _ = loop_grads(student, data, cfg)
+        losses[mu] = res.history[0]["loss"]
+    examples, _ = step0_examples(data, cfg)
+    b = collate(examples)
+    parts = lm_parts(student)
+    with torch.no_grad():
+        hs = parts.body(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).last_hidden_state
+        direct = kdkernels.fused_linear_sparse_kd_loss(
+            hs, parts.weight, b["teacher_ids"], b["teacher_values"], labels=b["labels"],
+            divergence="akl", mu=0.9, backend="torch")
+    assert math.isclose(losses[0.9], float(direct), rel_tol=1e-9)
+    assert not math.isclose(losses[0.3], losses[0.9], rel_tol=1e-6)

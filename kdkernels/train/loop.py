@@ -52,6 +52,7 @@ class TrainConfig:
     kd_weight: float = 1.0
     ce_weight: float = 0.0
     divergence: str = "forward_kl"
+    akl_mu: float = 0.5               # the head mass of divergence="akl"
     temperature: float = 1.0          # must equal a cache's temperature
     tail: str = "bucket"
     values: str = "logprobs"          # a cache's value kind
@@ -84,7 +85,8 @@ class TrainConfig:
     def objective(self) -> Objective:
         return Objective(kd_weight=self.kd_weight, ce_weight=self.ce_weight,
                          divergence=self.divergence, temperature=self.temperature, tail=self.tail,
-                         values=self.values, ignore_index=self.ignore_index, backend=self.backend)
+                         values=self.values, ignore_index=self.ignore_index, backend=self.backend,
+                         mu=self.akl_mu)
 
 
 @dataclass

@@ -29,6 +29,7 @@ class Objective:
     values: str = "logprobs"        # what cached teacher_values hold (the cache reader says)
     ignore_index: int = -100
     backend: Optional[str] = None
+    mu: float = 0.5                  # divergence="akl" (docs/semantics.md, "Adaptive KL")
 
 
 def _match(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -55,6 +56,8 @@ def micro_batch_loss(student: LMParts, batch: dict, obj: Objective, *,
     common = dict(divergence=obj.divergence, temperature=obj.temperature, labels=labels,
                   ignore_index=obj.ignore_index, ce_weight=obj.ce_weight, kd_weight=obj.kd_weight,
                   backend=obj.backend)
+    if obj.divergence == "akl":
+        common["mu"] = obj.mu
     common.update(reduction="none") if per_row else common.update(reduction="mean",
                                                                     normalizer=normalizer)
     ws = _match(student.weight, hs)
