@@ -182,6 +182,10 @@ class Codec:
         seq_of_row = np.repeat(np.arange(len(lengths)), lengths)
         off = seq_start[seq_of_row] + within - within[seq_first][seq_of_row] if L else zeros
         total = int(8 * seq_bytes.sum())
+        if L and m and (n == m).all():
+            buf = self._pack_full_rows(ids, rice, m, int(low[0]), int(high[0]), off, r, total)
+            edges = np.concatenate([[0], np.cumsum(seq_bytes)])
+            return [buf[edges[i]:edges[i + 1]] for i in range(len(lengths))]
         # entry e = slot j of row p (the used slots of a row are its first n_p); per-row quantities
         # are repeated n_p times, which is cheaper than gathering them by row index
         if m == 0 or (n == m).all():
@@ -212,6 +216,53 @@ class Codec:
                         ones=np.concatenate(ones))
         edges = np.concatenate([[0], np.cumsum(seq_bytes)])
         return [buf[edges[i]:edges[i + 1]] for i in range(len(lengths))]
+
+    @staticmethod
+    def _group(m: int, width: int) -> int:
+        """Fields per packed group: the largest power of 2 dividing m with group * width <= 64."""
+        g = 1
+        while m % (2 * g) == 0 and 2 * g * width <= 64:
+            g *= 2
+        return g
+
+    @staticmethod
+    def _combine(f: np.ndarray, width) -> np.ndarray:
+        """(L, a, g) fields of `width` bits (a scalar or (L, 1)) -> (L, a) of g * width bits,
+        field t at bit t * width (a loop over t: numpy reduces a short last axis slowly)."""
+        out = f[:, :, 0].copy()
+        for t in range(1, f.shape[2]):
+            out |= f[:, :, t] << (np.uint64(t) * width)
+        return out
+
+    def _pack_full_rows(self, ids, rice, m, low, high, off, r, total) -> np.ndarray:
+        """_streams when every row holds m entries (top-k): l and U are then the same for all rows,
+        and the work is done on (L, m) matrices. G consecutive fields of one row are contiguous and
+        of equal width w, so they are packed as one field of G*w bits: sum_t f_t << (t*w)."""
+        L = ids.shape[0]
+        x = ids.astype(np.int64, copy=False)
+        j = np.arange(m, dtype=np.int64)[None, :]
+        pos, val = [], []
+        if low:
+            g = self._group(m, low)
+            f = (x & ((1 << low) - 1)).astype(np.uint64).reshape(L, m // g, g)
+            val.append(self._combine(f, np.uint64(low)))
+            pos.append(off[:, None] + np.arange(m // g, dtype=np.int64)[None, :] * (g * low))
+        ones = [off[:, None] + m * low + (x >> low) + j]
+        if rice is not None:
+            d = rice[0].astype(np.int64, copy=False)
+            vstart = off + m * low + high
+            rmax = int(r.max())
+            rc = r[:, None]
+            if rmax:
+                g = self._group(m, rmax)
+                f = (d & ((1 << rc) - 1)).astype(np.uint64).reshape(L, m // g, g)
+                val.append(self._combine(f, rc.astype(np.uint64)))
+                pos.append(vstart[:, None] + np.arange(m // g, dtype=np.int64)[None, :] * (g * rc))
+            # unary: (d >> r) zeros then a one; entry j's one ends the first sum_{i<=j} ((d_i >> r) + 1) bits
+            ones.append(vstart[:, None] + m * rc + np.cumsum((d >> rc) + 1, axis=1) - 1)
+        return bits.pack(total, np.concatenate([p.ravel() for p in pos]) if pos else np.zeros(0, np.int64),
+                         np.concatenate([v.ravel() for v in val]) if val else np.zeros(0, np.uint64),
+                         ones=np.concatenate([o.ravel() for o in ones]))
 
     # ------------------------------------------------------------------ decode
 
