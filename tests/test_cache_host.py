@@ -105,7 +105,7 @@ def test_rice_parameter_is_the_smallest_argmin():
     assert np.array_equal(rice_parameter(d, n), np.argmin(cost, 1))
 
 
-@pytest.mark.parametrize("workers", [0, 1, 3])
+@pytest.mark.parametrize("workers", [1, 2])
 def test_hostbench_pipeline_bytes_independent_of_workers(tmp_path, workers):
     from kdkernels.cache import hostbench
     import hashlib
@@ -120,7 +120,7 @@ def test_hostbench_pipeline_bytes_independent_of_workers(tmp_path, workers):
     assert len(digests[0]) == 2 * 3 and digests[0] == digests[1]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, 1])
 def test_pipeline_surfaces_encoding_and_writing_errors(workers):
     def encode(part, arrays):
         if arrays == "bad":
@@ -144,16 +144,16 @@ def test_pipeline_surfaces_encoding_and_writing_errors(workers):
     assert [3] not in written
 
 
-@pytest.mark.parametrize("mode", ["topk", "sample"])
-def test_build_bytes_independent_of_host_workers(tiny_cache_teacher, tmp_path, mode):
+@pytest.mark.parametrize("mode,workers", [("topk", 2), ("sample", 1)])   # 2: encoding processes
+def test_build_bytes_independent_of_host_workers(tiny_cache_teacher, tmp_path, mode, workers):
     import inspect
     import json
     import kdkernels.cache as C
-    texts = [inspect.getdoc(o) or "" for o in (json, json.dumps, inspect.getdoc)]
+    texts = [inspect.getdoc(o) or "" for o in (json.dumps, inspect.getdoc)]
     kw = dict(mode=mode, k=8, draws=16, seq_len=64, shard_tokens=128, tokens_per_batch=100,
               progress=False)
     files = []
-    for w in (0, 3):
+    for w in (0, workers):
         out = C.build(tiny_cache_teacher, texts, tmp_path / f"w{w}", host_workers=w, **kw)
         files.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
     assert len(files[0]) > 3 and files[0] == files[1]

@@ -8,6 +8,12 @@ the manifest after each shard, so the order of file operations, and every byte, 
 sequential build: encode_batch is a pure function of its batch, and a shard concatenates its
 batches' results in batch order. With workers = 0 everything runs inline (the sequential build).
 
+Threads alone do not scale: the encoder's numpy calls are short and hold the GIL (measured: two
+threads encode no faster than one). So workers = 1 is one thread (it overlaps the host work with
+the device's), and workers >= 2 are that many encoding processes (spawned, so safe with CUDA),
+each fed by a thread of this process that waits for the copy and ships the arrays (a 2,048-token
+top-k batch is about 1 MB).
+
 Memory bound: at most `max_batches` encoded-or-pending batches and `max_shards` shards waiting for
 the writer; the device loop blocks (on the oldest) beyond that.
 """
@@ -15,7 +21,8 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Callable, Optional
 
 import numpy as np
@@ -23,9 +30,9 @@ import torch
 
 
 def default_workers() -> int:
-    """Encoding threads: 2 up to 4 cores, then cores / 2 up to 8 (the device loop keeps a core)."""
-    n = os.cpu_count() or 1
-    return min(8, max(1, n // 2)) if n > 4 else max(1, min(2, n - 1))
+    """1: one encoding thread. Encoding processes (workers >= 2) are opt-in: on the 2-core machine
+    they were measured slower than one thread (docs/caches.md); not yet measured on a many-core one."""
+    return 1
 
 
 def to_host(tensors: list) -> Callable[[], list]:
@@ -64,10 +71,14 @@ class _Done:
 
 class HostPipeline:
     def __init__(self, encode: Callable, workers: Optional[int] = None, max_batches: Optional[int] = None,
-                 max_shards: int = 2):
+                 max_shards: int = 2, processes: Optional[ProcessPoolExecutor] = None):
+        """processes: an existing pool to use for workers >= 2 (kept open; benchmarks reuse one)."""
         self.encode = encode                     # (part, arrays) -> (encoded list, max_id)
         self.workers = default_workers() if workers is None else int(workers)
         self.pool = ThreadPoolExecutor(self.workers, "kdk-encode") if self.workers > 0 else None
+        self._own_procs = processes is None
+        self.procs = None if self.workers < 2 else (
+            processes or ProcessPoolExecutor(self.workers, multiprocessing.get_context("spawn")))
         self.writer = ThreadPoolExecutor(1, "kdk-write") if self.workers > 0 else None
         self.max_batches = max_batches or 2 * self.workers + 2
         self.max_shards = max_shards
@@ -86,6 +97,8 @@ class HostPipeline:
             self.finish()
 
     def _job(self, part, fetch):
+        if self.procs is not None:
+            return self.procs.submit(self.encode, part, fetch()).result()
         return self.encode(part, fetch())
 
     def add_batch(self, part: list, fetch: Callable[[], list]) -> None:
@@ -134,7 +147,7 @@ class HostPipeline:
             self.close(cancel=False)
 
     def close(self, cancel: bool) -> None:
-        for ex in (self.pool, self.writer):
+        for ex in (self.pool, self.writer, self.procs if self._own_procs else None):
             if ex is not None:
                 ex.shutdown(wait=True, cancel_futures=cancel)
-        self.pool = self.writer = None
+        self.pool = self.writer = self.procs = None
