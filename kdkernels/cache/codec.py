@@ -52,21 +52,26 @@ def dequantize_scalar(code: np.ndarray) -> np.ndarray:
 
 def rice_parameter(d: np.ndarray, n: np.ndarray) -> np.ndarray:
     """Per row, r minimizing n r + sum_i (d_i >> r) (the Rice-coded size; smallest r on ties).
-    d: (L, m) nonnegative integers < 2^16 (any int dtype), zero in unused slots.
-    r = 0, 1, ... is scanned until every d >> r is 0 (from there on the cost only grows by n per step)."""
-    d = np.asarray(d).astype(np.uint32, copy=False)
+    d: (L, m) nonnegative integers < 2^16 (any int dtype), zero in unused slots."""
+    return rice_choice(d, n)[0]
+
+
+def rice_choice(d: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(r, sum_i (d_i >> r)) per row for rice_parameter's r. r = 0, 1, ... is scanned up to the bit
+    length of max d (beyond it d >> r = 0 and the cost n r only grows). The rows are summed as
+    columns of d's transpose: numpy reduces a short last axis slowly."""
+    dt = np.ascontiguousarray(np.asarray(d).T, dtype=np.uint32)     # (m, L)
     n = np.asarray(n, dtype=np.int64)
-    best = d.sum(axis=1, dtype=np.int64)                 # cost at r = 0
-    arg = np.zeros(d.shape[0], dtype=np.int64)
-    for r in range(1, 17):
-        d = d >> 1
-        cost = n * r + d.sum(axis=1, dtype=np.int64)
+    best = dt.sum(axis=0, dtype=np.int64)                 # cost at r = 0
+    arg = np.zeros(dt.shape[1], dtype=np.int64)
+    top = int(dt.max(initial=0)).bit_length()
+    for r in range(1, min(16, top) + 1):
+        dt >>= 1
+        cost = n * r + dt.sum(axis=0, dtype=np.int64)
         better = cost < best
         best = np.where(better, cost, best)
         arg = np.where(better, r, arg)
-        if not d.any():
-            break
-    return arg
+    return arg, best - n * arg
 
 
 @dataclass(frozen=True)
@@ -142,9 +147,9 @@ class Codec:
             counts = np.rint(values.astype(np.float64) * self.width).astype(np.int32)
             d = np.where(valid, counts - 1, 0)
             side["count"] = n.astype(self.count_dtype)
-        r = rice_parameter(d, n)
+        r, unary = rice_choice(d, n)
         side["vrice"] = r.astype("u1")
-        side["vlen"] = ((d >> r[:, None].astype(d.dtype)).sum(axis=1, dtype=np.int64) + n).astype(self.vlen_dtype)
+        side["vlen"] = (unary + n).astype(self.vlen_dtype)
         return side, self._streams(ids, (d, r, side["vlen"].astype(np.int64)), n, lengths)
 
     @property
