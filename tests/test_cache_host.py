@@ -157,3 +157,23 @@ def test_build_bytes_independent_of_host_workers(tiny_cache_teacher, tmp_path, m
         out = C.build(tiny_cache_teacher, texts, tmp_path / f"w{w}", host_workers=w, **kw)
         files.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
     assert len(files[0]) > 3 and files[0] == files[1]
+
+
+@pytest.mark.parametrize("mode", ["topk", "sample"])
+def test_encode_many_random_batches_including_word_aligned_ends(mode):
+    """Streams whose size is a multiple of 8 bytes put unused-slot groups at the buffer's end."""
+    rng = np.random.default_rng(7)
+    V, width, aligned = 1031, 16, 0
+    codec = Codec(mode, V, width, False, STEP)
+    for trial in range(40):
+        lengths = list(rng.integers(1, 9, rng.integers(1, 4)))
+        N = sum(lengths)
+        ids, vals = (make_topk(rng, N, V, width)[:2] if mode == "topk" else make_sample(rng, N, V, width))
+        tail = np.zeros(N, np.float32) if mode == "topk" else None
+        _, streams = codec.encode_many(ids, vals, np.zeros(N, np.float32), tail, lengths)
+        aligned += sum(len(st) % 8 == 0 for st in streams)
+        t0 = 0
+        for L, got in zip(lengths, streams):
+            assert bytes(got) == _ref_stream(codec, ids[t0:t0 + L], vals[t0:t0 + L])
+            t0 += L
+    assert aligned > 0

@@ -33,8 +33,8 @@ def ef_high_bits(n: np.ndarray, low: np.ndarray, vocab: int) -> np.ndarray:
 def pack(total_bits: int, pos: np.ndarray, val: np.ndarray,
          ones: np.ndarray | None = None) -> np.ndarray:
     """A zero stream of total_bits (rounded up to bytes) with field i (value val[i] < 2^w_i, w_i <= 64
-    bits; the width itself is not needed) written at bit pos[i], and single 1-bits at positions `ones`. Fields and
-    ones must not overlap. Returns uint8.
+    bits; the width itself is not needed) written at bit pos[i], and single 1-bits at positions
+    `ones` (entries of -1 are skipped). Fields and ones must not overlap. Returns uint8.
     Disjoint bits make OR equal to ADD, so the words are accumulated with np.add.at (numpy's fast
     indexed path, several times faster than bitwise_or.at): a field at p adds val << (p mod 64) to
     word p >> 6 and, if it crosses the word edge, val >> (64 - p mod 64) to the next word. The
@@ -50,9 +50,9 @@ def pack(total_bits: int, pos: np.ndarray, val: np.ndarray,
     # (val >> 1) >> (63 - sh) so that sh = 0 never shifts by 64. A 0-width field has val = 0.
     np.add.at(words, idx + 1, (val >> np.uint64(1)) >> (np.uint64(63) - sh))
     if ones is not None:                         # a bit map is cheaper than an indexed add per bit
-        flags = np.zeros(nwords * 64, dtype=bool)
+        flags = np.zeros(nwords * 64 + 1, dtype=bool)     # the extra flag takes the -1 entries
         flags[np.asarray(ones, dtype=np.int64)] = True
-        words |= np.packbits(flags, bitorder="little").view(_U64)
+        words |= np.packbits(flags[:-1], bitorder="little").view(_U64)
     return words.view(np.uint8)[: (total_bits + 7) // 8].copy()
 
 

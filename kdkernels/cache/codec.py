@@ -187,46 +187,15 @@ class Codec:
         seq_of_row = np.repeat(np.arange(len(lengths)), lengths)
         off = seq_start[seq_of_row] + within - within[seq_first][seq_of_row] if L else zeros
         total = int(8 * seq_bytes.sum())
-        if L and m and (n == m).all():
-            buf = self._pack_full_rows(ids, rice, m, int(low[0]), int(high[0]), off, r, total)
-            edges = np.concatenate([[0], np.cumsum(seq_bytes)])
-            return [buf[edges[i]:edges[i + 1]] for i in range(len(lengths))]
-        # entry e = slot j of row p (the used slots of a row are its first n_p); per-row quantities
-        # are repeated n_p times, which is cheaper than gathering them by row index
-        if m == 0 or (n == m).all():
-            x = ids.reshape(-1).astype(np.int64, copy=False)
-            j = np.tile(np.arange(m, dtype=np.int64), L)
-            dv = rice[0].reshape(-1).astype(np.int64) if rice is not None else None
-        else:
-            used = np.arange(m)[None, :] < n[:, None]
-            x = ids[used].astype(np.int64, copy=False)
-            row_start = np.cumsum(n) - n
-            j = np.arange(x.size, dtype=np.int64) - np.repeat(row_start, n)
-            dv = rice[0][used].astype(np.int64) if rice is not None else None
-        lr, orow, nr = np.repeat(low, n), np.repeat(off, n), np.repeat(n, n)
-        pos = [orow + j * lr]
-        val = [x & ((1 << lr) - 1)]
-        ones = [orow + nr * lr + (x >> lr) + j]
-        if rice is not None:
-            rr = np.repeat(r, n)
-            vstart = np.repeat(off + n * low + high, n)
-            pos.append(vstart + j * rr)
-            val.append(dv & ((1 << rr) - 1))
-            # unary part of entry (p, j): (d >> r) zeros then a one, so its one sits at
-            # (sum over slots <= j of the row of ((d >> r) + 1)) - 1 past the unary start
-            ends = np.cumsum((dv >> rr) + 1)
-            before = ends - np.repeat(np.concatenate([[0], ends])[np.cumsum(n) - n], n)
-            ones.append(vstart + nr * rr + before - 1)
-        buf = bits.pack(total, np.concatenate(pos), np.concatenate(val),
-                        ones=np.concatenate(ones))
+        buf = self._pack_rows(ids, rice, n, low, high, off, r, total)
         edges = np.concatenate([[0], np.cumsum(seq_bytes)])
         return [buf[edges[i]:edges[i + 1]] for i in range(len(lengths))]
 
     @staticmethod
-    def _group(m: int, width: int) -> int:
-        """Fields per packed group: the largest power of 2 dividing m with group * width <= 64."""
+    def _group(width: int) -> int:
+        """Fields per packed group: the largest power of 2 with group * width <= 64."""
         g = 1
-        while m % (2 * g) == 0 and 2 * g * width <= 64:
+        while 2 * g * width <= 64:
             g *= 2
         return g
 
@@ -239,34 +208,46 @@ class Codec:
             out |= f[:, :, t] << (np.uint64(t) * width)
         return out
 
-    def _pack_full_rows(self, ids, rice, m, low, high, off, r, total) -> np.ndarray:
-        """_streams when every row holds m entries (top-k): l and U are then the same for all rows,
-        and the work is done on (L, m) matrices. G consecutive fields of one row are contiguous and
-        of equal width w, so they are packed as one field of G*w bits: sum_t f_t << (t*w)."""
-        L = ids.shape[0]
+    def _pack_rows(self, ids, rice, n, low, high, off, r, total) -> np.ndarray:
+        """The fields of all rows, computed on (L, m) matrices (slots j >= n_p are unused: their
+        fields are 0 and their 1-bits are dropped). G consecutive fields of one row are contiguous
+        and of equal width w, so they go to the packer as one field of G*w bits, sum_t f_t << (t*w);
+        a group of unused slots only adds zeros (its position is clipped into the stream)."""
+        L, m = ids.shape
+        if L == 0 or m == 0:
+            return bits.pack(total, np.zeros(0, np.int64), np.zeros(0, np.uint64))
+        used = None if (n == m).all() else np.arange(m)[None, :] < n[:, None]
         x = ids.astype(np.int64, copy=False)
+        if used is not None:
+            x = np.where(used, x, 0)
+        d = rice[0].astype(np.int64, copy=False) if rice is not None else None
+        lc = low[:, None]
         j = np.arange(m, dtype=np.int64)[None, :]
         pos, val = [], []
-        if low:
-            g = self._group(m, low)
-            f = (x & ((1 << low) - 1)).astype(np.uint64).reshape(L, m // g, g)
-            val.append(self._combine(f, np.uint64(low)))
-            pos.append(off[:, None] + np.arange(m // g, dtype=np.int64)[None, :] * (g * low))
-        ones = [off[:, None] + m * low + (x >> low) + j]
+
+        def fields(f, width, start, wmax):
+            g = self._group(wmax)
+            if m % g:
+                f = np.concatenate([f, np.zeros((L, g - m % g), f.dtype)], axis=1)
+            f = f.astype(np.uint64).reshape(L, -1, g)
+            val.append(self._combine(f, width.astype(np.uint64)).ravel())
+            p = start[:, None] + np.arange(f.shape[1], dtype=np.int64)[None, :] * (g * width)
+            pos.append(np.minimum(p, max(total - 1, 0)).ravel())
+
+        if low.max():
+            fields(x & ((1 << lc) - 1), lc, off, int(low.max()))
+        ones = [off[:, None] + n[:, None] * lc + (x >> lc) + j]
         if rice is not None:
-            d = rice[0].astype(np.int64, copy=False)
-            vstart = off + m * low + high
-            rmax = int(r.max())
             rc = r[:, None]
-            if rmax:
-                g = self._group(m, rmax)
-                f = (d & ((1 << rc) - 1)).astype(np.uint64).reshape(L, m // g, g)
-                val.append(self._combine(f, rc.astype(np.uint64)))
-                pos.append(vstart[:, None] + np.arange(m // g, dtype=np.int64)[None, :] * (g * rc))
+            vstart = off + n * low + high
+            if r.max():
+                fields(d & ((1 << rc) - 1), rc, vstart, int(r.max()))
             # unary: (d >> r) zeros then a one; entry j's one ends the first sum_{i<=j} ((d_i >> r) + 1) bits
-            ones.append(vstart[:, None] + m * rc + np.cumsum((d >> rc) + 1, axis=1) - 1)
-        return bits.pack(total, np.concatenate([p.ravel() for p in pos]) if pos else np.zeros(0, np.int64),
-                         np.concatenate([v.ravel() for v in val]) if val else np.zeros(0, np.uint64),
+            ones.append(vstart[:, None] + n[:, None] * rc + np.cumsum((d >> rc) + 1, axis=1) - 1)
+        if used is not None:
+            ones = [np.where(used, o, -1) for o in ones]
+        return bits.pack(total, np.concatenate(pos) if pos else np.zeros(0, np.int64),
+                         np.concatenate(val) if val else np.zeros(0, np.uint64),
                          ones=np.concatenate([o.ravel() for o in ones]))
 
     # ------------------------------------------------------------------ decode
