@@ -163,7 +163,7 @@ def test_build_bytes_independent_of_host_workers(tiny_cache_teacher, tmp_path, m
 def test_encode_many_random_batches_including_word_aligned_ends(mode):
     """Streams whose size is a multiple of 8 bytes put unused-slot groups at the buffer's end."""
     rng = np.random.default_rng(7)
-    V, width, aligned = 1031, 16, 0
+    V, width, aligned = 49152, 64, 0
     codec = Codec(mode, V, width, False, STEP)
     for trial in range(40):
         lengths = list(rng.integers(1, 9, rng.integers(1, 4)))
