@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     b.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     b.add_argument("--backend", default=None, help="kdkernels backend for linear_topk/linear_sample")
+    b.add_argument("--host-workers", type=int, default=None,
+                   help="0: encode inline; 1 (default): one encoding thread overlapping the device; "
+                        ">= 2: that many encoding processes. Never changes the bytes")
     b.add_argument("--no-progress", action="store_true")
     i = sub.add_parser("inspect", help="print totals, bytes per token/entry, tail-mass statistics")
     i.add_argument("dir", type=Path)
@@ -64,7 +67,8 @@ def main(args: argparse.Namespace) -> int:
                         text_field=args.text_field, seed=args.seed,
                         shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS,
                         value_step=args.value_step or DEFAULT_VALUE_STEP, dtype=args.dtype,
-                        device=args.device, backend=args.backend, progress=not args.no_progress)
+                        device=args.device, backend=args.backend, progress=not args.no_progress,
+                        host_workers=args.host_workers)
         except (SettingsMismatch, FileNotFoundError, ValueError) as e:
             print(f"kdkernels cache build: error: {e}", file=sys.stderr)
             return 2
