@@ -127,6 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--random-init", action="store_true",
                     help="random weights from TEACHER/config.json (tokenizer from TEACHER)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--host-workers", type=int, default=None,
+                    help="build(host_workers=): 0 inline, 1 one thread (default), >= 2 processes")
     args = ap.parse_args(argv)
     if args.device == "cuda":
         if not torch.cuda.is_available():
@@ -180,7 +182,8 @@ def main(argv=None) -> int:
             shutil.rmtree(out)
         t = clock()
         build((model, tok), ids, out, mode=mode, seq_len=args.seq_len,
-              tokens_per_batch=args.tokens_per_batch, progress=False, backend=args.backend, **extra)
+              tokens_per_batch=args.tokens_per_batch, progress=False, backend=args.backend,
+              host_workers=args.host_workers, **extra)
         return clock() - t
 
     from .. import teacher as T
@@ -220,7 +223,8 @@ def main(argv=None) -> int:
     results = {"teacher": str(args.teacher), "random_init": args.random_init, "device": args.device,
                "device_name": (torch.cuda.get_device_name() if cuda else "cpu"), "dtype": args.dtype,
                "backend": args.backend or "default", "tokens": ntok,
-               "threads": torch.get_num_threads(), "clock": clock_kind, "load_s": load_s}
+               "threads": torch.get_num_threads(), "clock": clock_kind, "load_s": load_s,
+               "host_workers": args.host_workers}
     if cuda:  # untimed warm-up: kernel compilation, cuBLAS handles, the caching allocator
         forward_s()
         for mode, extra in modes:
