@@ -56,12 +56,6 @@ def pack(total_bits: int, pos: np.ndarray, val: np.ndarray,
     return words.view(np.uint8)[: (total_bits + 7) // 8].copy()
 
 
-def set_bits(buf: np.ndarray, pos: np.ndarray) -> None:
-    """OR single 1-bits at stream positions `pos` into the uint8 buffer (in place, buffer owned here)."""
-    pos = np.asarray(pos, dtype=np.int64)
-    np.bitwise_or.at(buf, pos >> 3, (np.uint8(1) << (pos & 7).astype(np.uint8)))
-
-
 def read(buf: np.ndarray, pos: np.ndarray, width: np.ndarray) -> np.ndarray:
     """Fields of `width` (<= 57) bits at bit positions `pos`; buf must have 8 bytes past the last
     field. Returns int64."""
