@@ -195,7 +195,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     zs, zt = _flatten_rows("student_logits", student_logits), _flatten_rows("teacher_logits", teacher_logits)
     full_v = zs.shape[1]
     v = V.common_vocab(full_v, zt.shape[1], vocab_size)
-    zs, zt = zs[:, :v], zt[:, :v]
+    if v != zs.shape[1]:     # (a slice of the whole width would cost an (N, V) copy in backward)
+        zs = zs[:, :v]
+    if v != zt.shape[1]:
+        zt = zt[:, :v]
     rows = _Rows(labels, zs.shape[0], device, opts, reduction, normalizer, v)
     mod = resolve(backend, device.type, _op_name("kd_loss", opts))
     return _KDLoss.apply(zs, zt.detach(), rows, mod, opts, lead)
@@ -219,6 +222,10 @@ def _check_head(prefix: str, h: torch.Tensor, w: torch.Tensor, b: Optional[torch
 
 
 def _cut_head(w: torch.Tensor, b: Optional[torch.Tensor], v: int):
+    """The first v rows of an LM head. No slice when v is the whole head: autograd would route the
+    gradient through SliceBackward, which allocates and fills a second (V, H) tensor."""
+    if v == w.shape[0]:
+        return w, b
     return w[:v], (b[:v] if b is not None else None)
 
 

@@ -145,3 +145,28 @@ def test_mean_over_a_single_counted_row(kd):
     _, g_sum = kd.run(case, "kd", dict(labels=labels, reduction="sum"))
     assert torch.equal(mean, rows[2])
     assert torch.equal(g_mean["student_weight"], g_sum["student_weight"])
+
+
+def test_full_head_gradient_is_not_routed_through_a_slice():
+    """Without a vocabulary cut the head reaches the op as itself: a slice `w[:V]` would send dW
+    through SliceBackward, which allocates and fills a second (V, H) tensor (500 MiB at V=128k,
+    H=2k in bf16) before accumulating it. With a cut, the slice is expected."""
+    n, v, h = 6, 53, 8
+    hs = torch.randn(n, h, requires_grad=True)
+    ws = torch.randn(v, h, requires_grad=True)
+    ht, wt = torch.randn(n, h), torch.randn(v, h)
+    ids = torch.stack([torch.randperm(v - 3)[:4] for _ in range(n)])    # inside the cut vocabulary
+    vals = torch.log_softmax(torch.randn(n, 4), 1) - 1.0
+
+    def weight_edge(loss):
+        fn = loss.grad_fn
+        while not type(fn).__name__.startswith("_Linear"):
+            fn = fn.next_functions[0][0]
+        return type(fn.next_functions[1][0]).__name__
+
+    for cut in (None, v - 3):
+        losses = (kdkernels.fused_linear_kd_loss(hs, ws, ht, wt, vocab_size=cut, backend="torch"),
+                  kdkernels.fused_linear_sparse_kd_loss(hs, ws, ids, vals, vocab_size=cut,
+                                                        backend="torch"))
+        for loss in losses:
+            assert weight_edge(loss) == ("AccumulateGrad" if cut is None else "SliceBackward0")
