@@ -25,7 +25,7 @@ Rows with grad_row == 0 get exactly 0 (NaN inputs included).
 import triton
 import triton.language as tl
 
-from .tl_utils import (NEG_INF, akl_qh, akl_terms, element_terms, first_id_at_least, head_tile, load_id,
+from .tl_utils import (NEG_INF, akl_terms, element_terms, first_id_at_least, grad_qh, head_tile, load_id,
                        lse_finish, lse_update)
 
 
@@ -172,12 +172,7 @@ def _dense_grad_kernel(xs_ptr, s_sxn, s_sxv, ws_ptr, s_swv, bs_ptr, Hs, s_cap,
         S = tl.load(stats_ptr + rows * 4 + 3, mask=rmask, other=0.0)
         lq = zs * inv_T - lse_b[:, None]
         lp = zt * inv_T - lse_a[:, None]
-        if DIV == 6:
-            w_h = tl.load(akl_ptr + rows * 2 + 0, mask=rmask, other=0.0)
-            w_t = tl.load(akl_ptr + rows * 2 + 1, mask=rmask, other=0.0)
-            qh = akl_qh(lp, lq, w_h[:, None], w_t[:, None])
-        else:
-            _, qh = element_terms(lp, lq, DIV, LOG_W, LOG_1MW)
+        qh = grad_qh(lp, lq, akl_ptr, rows, rmask, DIV, LOG_W, LOG_1MW)
         g = (qh - tl.exp(lq) * S[:, None]) * kd_coef
     if HAS_CE:
         lab = tl.load(labels_ptr + rows, mask=rmask, other=-1)

@@ -29,7 +29,7 @@ come from dense_kernels._lse_kernel (HAS_IDS), picked from the same tiles as the
 import triton
 import triton.language as tl
 
-from .tl_utils import (NEG_INF, akl_qh, akl_terms, element_terms, first_id_at_least, linear_tile, load_id,
+from .tl_utils import (NEG_INF, akl_terms, element_terms, first_id_at_least, grad_qh, linear_tile, load_id,
                        log1mexp, masked_lse)
 
 
@@ -184,12 +184,7 @@ def _sparse_grad_kernel(h_ptr, stride_hn, w_ptr, stride_wv, b_ptr, H, cap, ids_p
         S = tl.load(stats_ptr + rows * 4 + 3, mask=rmask, other=0.0)
         lq = z * inv_T - lse[:, None]
         q = tl.exp(lq)
-        if DIV == 6:
-            w_h = tl.load(akl_ptr + rows * 2 + 0, mask=rmask, other=0.0)
-            w_t = tl.load(akl_ptr + rows * 2 + 1, mask=rmask, other=0.0)
-            qh = akl_qh(lp, lq, w_h[:, None], w_t[:, None])
-        else:
-            _, qh = element_terms(lp, lq, DIV, LOG_W, LOG_1MW)
+        qh = grad_qh(lp, lq, akl_ptr, rows, rmask, DIV, LOG_W, LOG_1MW)
         gk = (qh - q * S[:, None]) * kd_coef
         if HAS_DENSE:
             dense = tl.load(dense_ptr + rows, mask=rmask, other=0.0)

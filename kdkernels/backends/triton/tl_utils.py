@@ -223,6 +223,19 @@ def akl_qh(lp, lq, w_h, w_t):
 
 
 @triton.jit
+def grad_qh(lp, lq, akl_ptr, rows, rmask, DIV: tl.constexpr, LOG_W, LOG_1MW):
+    """The backward's qh for divergence code DIV; AKL (6) reads its per-row weights [w_h, w_t] from
+    akl_ptr (N, 2)."""
+    if DIV == 6:
+        w_h = tl.load(akl_ptr + rows * 2 + 0, mask=rmask, other=0.0)
+        w_t = tl.load(akl_ptr + rows * 2 + 1, mask=rmask, other=0.0)
+        qh = akl_qh(lp, lq, w_h[:, None], w_t[:, None])
+    else:
+        _, qh = element_terms(lp, lq, DIV, LOG_W, LOG_1MW)
+    return qh
+
+
+@triton.jit
 def head_tile(x_ptr, stride_xn, stride_xv, w_ptr, stride_wv, b_ptr, H, cap, rows, cols, N, V,
               LINEAR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, IEEE: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
