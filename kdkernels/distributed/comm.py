@@ -7,12 +7,14 @@
     shard_layout one all-gather of a few ints per rank (+ an "arguments ok" flag), so that every rank
                  knows every shard's size and raises the same error together instead of leaving the
                  others blocked in a collective
+    init_torchrun the process group of a torchrun-launched check (selfcheck.py, train_check.py)
 
 All-reduce results are bitwise identical on every rank (gloo and NCCL), so every rank computes the
 same per-row statistics, loss and normalizer.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -66,3 +68,14 @@ def shard_layout(group, device: torch.device, sizes: Sequence[int], error: Optio
         raise ShardArgumentError(f"vocab-parallel loss: rank(s) {bad} of the process group rejected "
                                  f"their arguments (see their error); every rank stops here")
     return [tuple(row[1:]) for row in table]
+
+
+def init_torchrun() -> tuple[torch.device, int, int]:
+    """Join the group torchrun launched: NCCL on cuda:LOCAL_RANK when CUDA is available, else gloo
+    on the CPU. Returns (device, rank, world size)."""
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return device, dist.get_rank(), dist.get_world_size()

@@ -12,11 +12,12 @@ when CUDA is available, else gloo on the CPU.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 import torch.distributed as dist
+
+from .comm import init_torchrun
 
 
 def _rel(a, b) -> float:
@@ -57,13 +58,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import kdkernels
 
-    cuda = torch.cuda.is_available()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    device, rank, world = init_torchrun()
     dtype = getattr(torch, args.dtype)
     tol = args.tol if args.tol is not None else (1e-4 if dtype == torch.float32 else 2e-2)
     n, hdim, v = args.rows, args.hidden, args.vocab

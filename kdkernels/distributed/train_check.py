@@ -32,12 +32,13 @@ Uses NCCL on cuda:LOCAL_RANK when CUDA is available, else gloo on the CPU.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import replace
 
 import torch
 import torch.distributed as dist
+
+from .comm import init_torchrun
 
 
 def _model(args, device):
@@ -81,13 +82,7 @@ def main(argv=None) -> int:
     from torch.distributed.fsdp import fully_shard
     from kdkernels.train import TrainConfig, train
 
-    cuda = torch.cuda.is_available()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    device, rank, world = init_torchrun()
     data = _data(args, 4 * args.batch_size * args.grad_accum * world)
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                       lr=1e-2, ce_weight=0.5, device=str(device), bf16=False, log_every=1,
