@@ -165,9 +165,10 @@ def _loss_kwargs(kw):
     return {k: v for k, v in kw.items() if k not in skip}
 
 
-def _run_op(op, d, kw, dtype, pg=None, shard=None):
-    """Forward + backward in `dtype`; with `shard` = (start, size) the head/logits are the rank's
-    shard. Returns {name: tensor}: the loss and the gradients of the student inputs."""
+def _run_op(op, d, kw, dtype, pg=None, shard=None, backend="torch"):
+    """Forward + backward in `dtype` with `backend` (float64: the dense reference formulas); with
+    `shard` = (start, size) the head/logits are the rank's shard. Returns {name: tensor}: the loss
+    and the gradients of the student inputs."""
     import kdkernels  # process_group= delegates to kdkernels.distributed.vocab_parallel
     cut = (lambda t, dim=0: t) if shard is None else \
         (lambda t, dim=0: t.narrow(dim, shard[0], shard[1]))
@@ -188,7 +189,7 @@ def _run_op(op, d, kw, dtype, pg=None, shard=None):
             v = kw.get("vocab_size", V)
             loss = _ref_dense(zs[:, :v], zt[:, :v], d["labels"], kw)
         else:
-            loss = kdkernels.kd_loss(zs, zt, labels=d["labels"], backend="torch", process_group=pg,
+            loss = kdkernels.kd_loss(zs, zt, labels=d["labels"], backend=backend, process_group=pg,
                                      **lk)
     else:
         hs, ws, bs = leaf("hs", d["hs"]), leaf("ws", d["ws"], 0), leaf("bs", d["bs"], 0)
@@ -201,7 +202,7 @@ def _run_op(op, d, kw, dtype, pg=None, shard=None):
                 loss = _ref_dense(zs, zt, d["labels"], kw)
             else:
                 loss = kdkernels.fused_linear_kd_loss(hs, ws, ht, wt, student_bias=bs,
-                                                      labels=d["labels"], backend="torch",
+                                                      labels=d["labels"], backend=backend,
                                                       process_group=pg, **lk)
         else:
             if ref64:
@@ -211,7 +212,7 @@ def _run_op(op, d, kw, dtype, pg=None, shard=None):
             else:
                 loss = kdkernels.fused_linear_sparse_kd_loss(hs, ws, d["ids"], d["vals"],
                                                              student_bias=bs, labels=d["labels"],
-                                                             backend="torch", process_group=pg, **lk)
+                                                             backend=backend, process_group=pg, **lk)
     gen = torch.Generator().manual_seed(7)
     grad_out = (torch.rand(loss.shape, generator=gen, dtype=loss.dtype) + 0.5) if loss.dim() \
         else torch.tensor(0.7, dtype=loss.dtype)
@@ -226,7 +227,9 @@ def _shard_of(world, rank):
     return sum(sizes[:rank]), sizes[rank]
 
 
-def _check_case(name, op, kw, pg, world, rank):
+def _check_case(name, op, kw, pg, world, rank, backend="torch"):
+    """One case on this rank: the vocab-parallel result of `backend` against float64, bounded by
+    2x the single-process error of the same backend + floor: {name: (err, bound, scale)}."""
     d = _data(name, op, kw)
     start, size = _shard_of(world, rank)
     dtype = kw.get("dtype", torch.float32)
@@ -234,8 +237,8 @@ def _check_case(name, op, kw, pg, world, rank):
         d = {k: (v.to(dtype).float() if k in ("hs", "ws", "bs", "ht", "wt", "zs", "zt") and v is not None
                  else v) for k, v in d.items()}
     ref = _run_op(op, d, kw, torch.float64)
-    single = _run_op(op, d, kw, dtype)
-    vpr = _run_op(op, d, kw, dtype, pg=pg, shard=(start, size))
+    single = _run_op(op, d, kw, dtype, backend=backend)
+    vpr = _run_op(op, d, kw, dtype, pg=pg, shard=(start, size), backend=backend)
     meas = {}
     for k, r in ref.items():
         s = single[k]
@@ -244,7 +247,7 @@ def _check_case(name, op, kw, pg, world, rank):
         elif k == "dzs":
             r, s = r.narrow(1, start, size), s.narrow(1, start, size)
         p = vpr[k]
-        assert p.shape == r.shape, (k, p.shape, r.shape)
+        assert p.shape == r.shape and p.dtype == s.dtype, (k, p.shape, r.shape, p.dtype, s.dtype)
         scale = float(r.abs().max()) if r.numel() else 0.0
         err = float((p.double() - r).abs().max()) if r.numel() else 0.0
         base = float((s.double() - r).abs().max()) if r.numel() else 0.0
@@ -254,7 +257,7 @@ def _check_case(name, op, kw, pg, world, rank):
     return meas
 
 
-def _check_all_ignored(op, pg, world, rank):
+def _check_all_ignored(op, pg, world, rank, backend="torch"):
     d = _data("ignored" + op, op, {})
     d["labels"] = torch.full((N,), -100)
     start, size = _shard_of(world, rank)
@@ -262,7 +265,8 @@ def _check_all_ignored(op, pg, world, rank):
         d["zs"][3] = float("nan")   # ignored rows may hold anything
     else:
         d["hs"][3] = float("nan")
-    out = _run_op(op, d, {"ce_weight": 0.5}, torch.float32, pg=pg, shard=(start, size))
+    out = _run_op(op, d, {"ce_weight": 0.5}, torch.float32, pg=pg, shard=(start, size),
+                  backend=backend)
     return {k: (float(v.abs().max()) if v.numel() else 0.0,
                 bool(torch.isfinite(v).all())) for k, v in out.items()}
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import tempfile
 import traceback
@@ -370,30 +369,6 @@ WORLDS = (2, 4)   # test_distributed_vocab.SPLITS: [400, 631] and [500, 0, 1, 53
 
 
 @contextlib.contextmanager
-def _force_backend(name):
-    """Every public loss call inside runs with backend=`name` (test_distributed_vocab's runner asks
-    for "torch"); restored afterwards."""
-    import kdkernels
-    saved = {f: getattr(kdkernels, f) for f in ("kd_loss", "fused_linear_kd_loss",
-                                                 "fused_linear_sparse_kd_loss")}
-
-    def force(fn):
-        @functools.wraps(fn)
-        def call(*a, **kw):
-            kw["backend"] = name
-            return fn(*a, **kw)
-        return call
-
-    for f, fn in saved.items():
-        setattr(kdkernels, f, force(fn))
-    try:
-        yield
-    finally:
-        for f, fn in saved.items():
-            setattr(kdkernels, f, fn)
-
-
-@contextlib.contextmanager
 def _count_native_passes(calls: dict):
     """Count the calls of the native shard passes (vocab_parallel looks them up on the package)."""
     from kdkernels.backends import native
@@ -421,16 +396,16 @@ def _suite(rank, world, pg):
     from kdkernels.backends.native import _loader
     _loader.load(False)
     res = {"calls": {}}
-    with _force_backend("native"), _count_native_passes(res["calls"]):
+    with _count_native_passes(res["calls"]):
         for name in E2E:
             op, kw = tdv.CASES[name]
             try:
-                res[name] = tdv._check_case(name, op, kw, pg, world, rank)
+                res[name] = tdv._check_case(name, op, kw, pg, world, rank, backend="native")
             except Exception:
                 res[name] = traceback.format_exc()
         for op in ALL_IGNORED:
             try:
-                res["ignored_" + op] = tdv._check_all_ignored(op, pg, world, rank)
+                res["ignored_" + op] = tdv._check_all_ignored(op, pg, world, rank, backend="native")
             except Exception:
                 res["ignored_" + op] = traceback.format_exc()
     return res

@@ -306,78 +306,9 @@ E2E = {
 }
 
 
-def _run(op, d, kw, dtype, pg=None, shard=None):
-    """The public op with backend="triton" (single process, or this rank's shard with `pg`)."""
-    import kdkernels
-    import test_distributed_vocab as TDV
-    def cut(t, dim=0):
-        return t if shard is None else t.narrow(dim, *shard)
-
-    leaves = {}
-
-    def leaf(name, t, dim=0):
-        if t is None:
-            return None
-        leaves[name] = cut(t, dim).to(dtype).detach().requires_grad_(True)
-        return leaves[name]
-
-    kw2 = dict(TDV._loss_kwargs(kw), labels=d["labels"], backend="triton", process_group=pg)
-    if op == "logits":
-        loss = kdkernels.kd_loss(leaf("zs", d["zs"], 1), cut(d["zt"], 1).to(dtype), **kw2)
-    else:
-        hs, ws, bs = d["hs"].to(dtype).requires_grad_(True), leaf("ws", d["ws"]), leaf("bs", d["bs"])
-        leaves["hs"] = hs
-        if op == "linear":
-            loss = kdkernels.fused_linear_kd_loss(hs, ws, d["ht"].to(dtype), cut(d["wt"]).to(dtype),
-                                                  student_bias=bs, **kw2)
-        else:
-            loss = kdkernels.fused_linear_sparse_kd_loss(hs, ws, d["ids"], d["vals"], student_bias=bs,
-                                                         **kw2)
-    grad_out = (torch.rand(loss.shape, generator=torch.Generator().manual_seed(7), dtype=loss.dtype)
-                + 0.5) if loss.dim() else torch.tensor(0.7, dtype=loss.dtype)
-    loss.backward(grad_out)
-    return {"loss": loss.detach(), **{f"d{k}": x.grad for k, x in leaves.items()}}
-
-
-def _e2e_case(name, op, kw, pg, rank):
-    import test_distributed_vocab as TDV
-    d = TDV._data(name, op, kw)
-    start, size = TDV._shard_of(WORLD, rank)
-    dtype = kw.get("dtype", torch.float32)
-    if dtype != torch.float32:   # the float64 reference sees the same rounded inputs
-        d = {k: (v.to(dtype).float() if k in ("hs", "ws", "bs", "ht", "wt", "zs", "zt") and v is not None
-                 else v) for k, v in d.items()}
-    ref = TDV._run_op(op, d, kw, torch.float64)
-    single = _run(op, d, kw, dtype)
-    vpr = _run(op, d, kw, dtype, pg=pg, shard=(start, size))
-    meas = {}
-    for k, r in ref.items():
-        s = single[k]
-        if k in ("dws", "dbs"):
-            r, s = r.narrow(0, start, size), s.narrow(0, start, size)
-        elif k == "dzs":
-            r, s = r.narrow(1, start, size), s.narrow(1, start, size)
-        p = vpr[k]
-        assert p.shape == r.shape and p.dtype == s.dtype, (k, p.shape, r.shape, p.dtype, s.dtype)
-        scale = float(r.abs().max())
-        err, base = float((p.double() - r).abs().max()), float((s.double() - r).abs().max())
-        floor = (32 * TDV.EPS32 + 2 * torch.finfo(p.dtype).eps) * scale
-        meas[k] = (err, 2 * base + floor, scale)
-    return meas
-
-
-def _e2e_all_ignored(pg, rank):
-    import test_distributed_vocab as TDV
-    d = TDV._data("ignoredlinear", "linear", {})
-    d["labels"] = torch.full((TDV.N,), -100)
-    d["hs"][3] = float("nan")
-    out = _run("linear", d, {"ce_weight": 0.5}, torch.float32, pg=pg,
-               shard=TDV._shard_of(WORLD, rank))
-    return {k: (float(v.abs().max()), bool(torch.isfinite(v).all())) for k, v in out.items()}
-
-
 def _worker(rank, world, port, out_dir):
     import torch.distributed as dist
+    import test_distributed_vocab as TDV
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=180))
@@ -385,11 +316,13 @@ def _worker(rank, world, port, out_dir):
     try:
         for name, (op, kw) in E2E.items():
             try:
-                res[name] = _e2e_case(name, op, kw, dist.group.WORLD, rank)
+                res[name] = TDV._check_case(name, op, kw, dist.group.WORLD, WORLD, rank,
+                                            backend="triton")
             except Exception:
                 res[name] = traceback.format_exc()
         try:
-            res["all_ignored"] = _e2e_all_ignored(dist.group.WORLD, rank)
+            res["all_ignored"] = TDV._check_all_ignored("linear", dist.group.WORLD, WORLD, rank,
+                                                        backend="triton")
         except Exception:
             res["all_ignored"] = traceback.format_exc()
     finally:
