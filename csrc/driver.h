@@ -76,6 +76,26 @@ inline void check_head(const char* op, const char* h_name, const Tensor& h, cons
   }
 }
 
+// The two logits of kd_loss: 2-D, floating, one shape, one device.
+inline void check_logit_pair(const char* op, const Tensor& zs, const Tensor& zt) {
+  check_matrix(op, "student_logits", zs);
+  check_matrix(op, "teacher_logits", zt);
+  TORCH_CHECK(zs.sizes() == zt.sizes(), op, ": student_logits ", zs.sizes(),
+              " and teacher_logits ", zt.sizes(), " must have the same shape");
+  check_rows(op, "teacher_logits", zt, zs.size(0), zs);
+}
+
+// The two LM heads of fused_linear_kd_loss: each a valid head, one vocabulary, one set of rows.
+inline void check_head_pair(const char* op, const Tensor& hs, const Tensor& ws,
+                            const c10::optional<Tensor>& bs, const Tensor& ht, const Tensor& wt,
+                            const c10::optional<Tensor>& bt) {
+  check_head(op, "student_hidden", hs, "student_weight", ws, "student_bias", bs);
+  check_head(op, "teacher_hidden", ht, "teacher_weight", wt, "teacher_bias", bt);
+  TORCH_CHECK(wt.size(0) == ws.size(0), op, ": teacher_weight has ", wt.size(0),
+              " rows, student_weight ", ws.size(0));
+  check_rows(op, "teacher_hidden", ht, hs.size(0), hs);
+}
+
 // Unit column stride (row stride free), as the epilogues expect.
 inline Tensor unit_cols(const Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
 
@@ -208,12 +228,8 @@ struct HeadGrads {
 template <class Epi>
 Tensors2 kd_forward(const Tensor& zs_in, const Tensor& zt_in, const Tensor& labels, const Params& p) {
   const char* op = "kdkernels_native::kd_forward";
-  check_matrix(op, "student_logits", zs_in);
-  check_matrix(op, "teacher_logits", zt_in);
-  TORCH_CHECK(zs_in.sizes() == zt_in.sizes(), op, ": student_logits ", zs_in.sizes(),
-              " and teacher_logits ", zt_in.sizes(), " must have the same shape");
+  check_logit_pair(op, zs_in, zt_in);
   const int64_t n = zs_in.size(0);
-  check_rows(op, "teacher_logits", zt_in, n, zs_in);
   check_labels(op, labels, n, zs_in);
   Tensor zs = unit_cols(zs_in), zt = unit_cols(zt_in);
   match_dtypes(zs, zt);
@@ -273,11 +289,8 @@ Tensors2 linear_kd_forward(const Tensor& hs, const Tensor& ws, const c10::option
                            const Tensor& ht, const Tensor& wt, const c10::optional<Tensor>& bt,
                            const Tensor& labels, const Params& p) {
   const char* op = "kdkernels_native::linear_kd_forward";
-  check_head(op, "student_hidden", hs, "student_weight", ws, "student_bias", bs);
-  check_head(op, "teacher_hidden", ht, "teacher_weight", wt, "teacher_bias", bt);
+  check_head_pair(op, hs, ws, bs, ht, wt, bt);
   const int64_t n = hs.size(0), v = ws.size(0);
-  TORCH_CHECK(wt.size(0) == v, op, ": teacher_weight has ", wt.size(0), " rows, student_weight ", v);
-  check_rows(op, "teacher_hidden", ht, n, hs);
   check_labels(op, labels, n, hs);
   const bool akl = is_akl(p);
   const bool kd = p.kd_scale != 0.0 || akl, ce = p.ce_weight != 0.0;  // akl: stats even at kd_weight 0

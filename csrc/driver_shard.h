@@ -52,12 +52,8 @@ template <class Epi>
 Tensors2 kd_shard_stats(const Tensor& zs_in, const Tensor& zt_in, const Tensor& labels, const Params& p) {
   const char* op = "kdkernels_native::kd_shard_stats";
   check_shard_params(op, p);
-  check_matrix(op, "student_logits", zs_in);
-  check_matrix(op, "teacher_logits", zt_in);
-  TORCH_CHECK(zs_in.sizes() == zt_in.sizes(), op, ": student_logits ", zs_in.sizes(),
-              " and teacher_logits ", zt_in.sizes(), " must have the same shape");
+  check_logit_pair(op, zs_in, zt_in);
   const int64_t n = zs_in.size(0);
-  check_rows(op, "teacher_logits", zt_in, n, zs_in);
   check_labels(op, labels, n, zs_in);
   Tensor zs = unit_cols(zs_in), zt = unit_cols(zt_in);
   match_dtypes(zs, zt);
@@ -72,10 +68,7 @@ template <class Epi>
 Tensor kd_shard_terms(const Tensor& zs_in, const Tensor& zt_in, const Tensor& glse, const Params& p) {
   const char* op = "kdkernels_native::kd_shard_terms";
   check_shard_params(op, p);
-  check_matrix(op, "student_logits", zs_in);
-  check_matrix(op, "teacher_logits", zt_in);
-  TORCH_CHECK(zs_in.sizes() == zt_in.sizes(), op, ": student_logits ", zs_in.sizes(),
-              " and teacher_logits ", zt_in.sizes(), " must have the same shape");
+  check_logit_pair(op, zs_in, zt_in);
   const int64_t n = zs_in.size(0);
   check_rows(op, "glse", glse, n, zs_in);
   Tensor zs = unit_cols(zs_in), zt = unit_cols(zt_in);
@@ -93,11 +86,8 @@ Tensors2 linear_kd_shard_stats(const Tensor& hs, const Tensor& ws, const c10::op
                                const Tensor& labels, const Params& p) {
   const char* op = "kdkernels_native::linear_kd_shard_stats";
   check_shard_params(op, p);
-  check_head(op, "student_hidden", hs, "student_weight", ws, "student_bias", bs);
-  check_head(op, "teacher_hidden", ht, "teacher_weight", wt, "teacher_bias", bt);
+  check_head_pair(op, hs, ws, bs, ht, wt, bt);
   const int64_t n = hs.size(0), v = ws.size(0);
-  TORCH_CHECK(wt.size(0) == v, op, ": teacher_weight has ", wt.size(0), " rows, student_weight ", v);
-  check_rows(op, "teacher_hidden", ht, n, hs);
   check_labels(op, labels, n, hs);
   const bool kd = p.kd_scale != 0.0, ce = p.ce_weight != 0.0;
   const Tensor lab = labels.contiguous();
@@ -119,11 +109,8 @@ Tensor linear_kd_shard_terms(const Tensor& hs, const Tensor& ws, const c10::opti
                              const Tensor& glse, const Params& p) {
   const char* op = "kdkernels_native::linear_kd_shard_terms";
   check_shard_params(op, p);
-  check_head(op, "student_hidden", hs, "student_weight", ws, "student_bias", bs);
-  check_head(op, "teacher_hidden", ht, "teacher_weight", wt, "teacher_bias", bt);
+  check_head_pair(op, hs, ws, bs, ht, wt, bt);
   const int64_t n = hs.size(0), v = ws.size(0);
-  TORCH_CHECK(wt.size(0) == v, op, ": teacher_weight has ", wt.size(0), " rows, student_weight ", v);
-  check_rows(op, "teacher_hidden", ht, n, hs);
   check_rows(op, "glse", glse, n, hs);
   const auto acc = acc_dtype(hs);
   Tensor out = at::zeros({n, 2}, hs.options().dtype(acc));
