@@ -45,7 +45,8 @@ def _row_chunks(n: int, per_row_bytes: int, budget: int):
 
 def gathered_logits(h: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], cap: Optional[float],
                     ids: torch.Tensor, mask: torch.Tensor, budget: int) -> torch.Tensor:
-    """z[r, j] = softcap(h_r . w_{ids[r, j]} + b) where mask[r, j], else 0; fp32 (rows, M).
+    """z[r, j] = softcap(h_r . w_{ids[r, j]} + b) where mask[r, j], else 0; fp32 (rows, M)
+    (ids are read only where mask is set).
     The products are exact in fp32 (from fp32/fp16/bf16 operands), summed in fp32 as the GEMMs do."""
     z = torch.zeros(ids.shape, dtype=torch.float32 if h.dtype != torch.float64 else h.dtype,
                     device=h.device)
@@ -124,17 +125,15 @@ def finish_linear(loss_ce, stats, backend, hs, ws, bs, ht, wt, bt, opts: KDOptio
 
 def finish_sparse(loss_ce, stats, hs, ws, bs, ids, vals, opts: KDOptions, row_mask):
     """fused_linear_sparse_kd_loss: H among the cached slots, p as the tail mode defines it on K."""
+    from .backends.torch.topk import sort_by_value_then_id
     valid = ids >= 0
     u = vals.to(stats.dtype)
     if opts.values == "weights":
         u = torch.log(u)
     lp = (u - stats[:, -5].unsqueeze(1)).masked_fill(~valid, _NEG_INF)
-    # descending p, ties by the smaller id: sort by id, then a stable sort by value
-    by_id = torch.where(valid, ids, torch.iinfo(torch.int64).max).argsort(1)
-    lp, ids_s = lp.gather(1, by_id), ids.gather(1, by_id)
-    order = torch.sort(lp, dim=1, descending=True, stable=True).indices
-    lp, ids_s = lp.gather(1, order), ids_s.gather(1, order)
-    mask = head_mask(lp, ids_s >= 0, opts.mu)
+    # descending p, ties by the smaller id; empty slots (-1) sort as the largest id
+    lp, ids_s = sort_by_value_then_id(lp, torch.where(valid, ids, torch.iinfo(torch.int64).max))
+    mask = head_mask(lp, ids_s != torch.iinfo(torch.int64).max, opts.mu)
     mask[:, opts.akl_head_max:] = False
-    z_h = gathered_logits(hs, ws, bs, opts.student_softcap, ids_s.clamp_min(0), mask, opts.chunk_bytes)
+    z_h = gathered_logits(hs, ws, bs, opts.student_softcap, ids_s, mask, opts.chunk_bytes)
     return _finish(loss_ce, stats, lp, z_h.to(stats.dtype), mask, opts, row_mask)

@@ -43,6 +43,15 @@ def _ties_full(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x.gather(1, ids), ids
 
 
+def sort_by_value_then_id(vals: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vals, ids) per row in descending value, equal values by increasing id (sort by id, then a
+    stable sort by value). Ids only order: pass a large id for slots that must come last on ties."""
+    order = ids.argsort(1)
+    ids, vals = ids.gather(1, order), vals.gather(1, order)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    return vals.gather(1, order), ids.gather(1, order)
+
+
 def topk_smallest_id_ties(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.topk with a defined tie order: equal values are ranked by increasing index.
     Where the k-th and (k+1)-th values differ the top-k set is unique, so only its order needs
@@ -51,11 +60,7 @@ def topk_smallest_id_ties(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
         return _ties_full(x, k)
     vals, ids = torch.topk(x, k + 1, dim=1, sorted=True)
     tie = vals[:, k - 1] == vals[:, k]
-    vals, ids = vals[:, :k], ids[:, :k]
-    order = ids.argsort(1)
-    ids, vals = ids.gather(1, order), vals.gather(1, order)
-    order = torch.sort(vals, dim=1, descending=True, stable=True).indices
-    ids, vals = ids.gather(1, order), vals.gather(1, order)
+    vals, ids = sort_by_value_then_id(vals[:, :k], ids[:, :k])
     if bool(tie.any()):                                      # host sync; inference only
         rows = tie.nonzero()[:, 0]
         vals[rows], ids[rows] = _ties_full(x[rows], k)
