@@ -13,15 +13,11 @@ import torch
 import kdkernels
 import kdkernels.cache as C
 
+from test_distributed_harness import _free_port
+
 pytest.importorskip("transformers")
 REPO = Path(kdkernels.__file__).resolve().parents[1]
 
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank, port, model_tok, texts, out, opts):

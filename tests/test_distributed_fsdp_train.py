@@ -20,12 +20,13 @@ reshard_after_forward, so the loss must run as a forward of the head).
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from datetime import timedelta
 
 import pytest
 import torch
+
+from test_distributed_harness import _free_port
 
 transformers = pytest.importorskip("transformers")
 
@@ -125,11 +126,6 @@ def _worker(rank, world, port, out_dir):
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
         torch.distributed.destroy_process_group()
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _single(dtype, layout):

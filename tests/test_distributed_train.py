@@ -3,10 +3,11 @@ two optimizer steps equal the single-process run with grad_accum * world micro-b
 sequences (per-rank token counts differ, so the normalizer must be global) with a cached teacher."""
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
+
+from test_distributed_harness import _free_port
 
 transformers = pytest.importorskip("transformers")
 
@@ -53,11 +54,6 @@ def _worker(rank, world, port, q):
         q.put(e)
         raise
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks_equal_single_process_with_doubled_accumulation():

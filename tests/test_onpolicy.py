@@ -355,16 +355,14 @@ def _dist_run(world_rank, world, port, q):
 def test_two_ranks_equal_one_process_with_doubled_accumulation():
     """Rank r's micro-batch m is global micro-batch m * W + r: same coin, same rollout seed."""
     import queue
-    import socket
+    from test_distributed_harness import _free_port
     q1 = queue.Queue()
     _dist_run(None, 1, 0, q1)
     params1, hist1 = q1.get()
     assert [h["on_policy_micro_batches"] for h in hist1] == [
         sum(OP.is_on_policy(0.5, 0, s, m) for m in range(2)) for s in range(2)]
     assert 0 < sum(h["on_policy_micro_batches"] for h in hist1) < 4
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     ctx = torch.multiprocessing.get_context("spawn")
     q = ctx.Queue()
     procs = [ctx.Process(target=_dist_run, args=(r, 2, port, q)) for r in range(2)]
