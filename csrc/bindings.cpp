@@ -22,6 +22,12 @@ TORCH_LIBRARY(kdkernels_native, m) {
   m.def("linear_sparse_kd_backward(Tensor hs, Tensor ws, Tensor? bs, Tensor ids, Tensor vals, "
         "Tensor labels, Tensor stats, Tensor grad_rows, float[] fopts, int[] iopts, bool[3] need, "
         "Tensor? akl_weights=None) -> (Tensor, Tensor, Tensor)");
+  m.def("linear_kd_fused(Tensor hs, Tensor ws, Tensor? bs, Tensor ht, Tensor wt, Tensor? bt, "
+        "Tensor labels, Tensor grad_rows, float[] fopts, int[] iopts, bool[3] need) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_sparse_kd_fused(Tensor hs, Tensor ws, Tensor? bs, Tensor ids, Tensor vals, "
+        "Tensor labels, Tensor grad_rows, float[] fopts, int[] iopts, bool[3] need) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("linear_topk(Tensor h, Tensor w, Tensor? b, int k, float[] fopts, int[] iopts) "
         "-> (Tensor, Tensor, Tensor)");
   m.def("linear_sample(Tensor h, Tensor w, Tensor? b, Tensor u, float[] fopts, int[] iopts) -> (Tensor, Tensor)");
@@ -43,6 +49,8 @@ TORCH_LIBRARY(kdkernels_native, m) {
   m.impl("linear_kd_backward", &IMPL::linear_kd_backward);                \
   m.impl("linear_sparse_kd_forward", &IMPL::linear_sparse_kd_forward);    \
   m.impl("linear_sparse_kd_backward", &IMPL::linear_sparse_kd_backward);  \
+  m.impl("linear_kd_fused", &IMPL::linear_kd_fused);                      \
+  m.impl("linear_sparse_kd_fused", &IMPL::linear_sparse_kd_fused);        \
   m.impl("linear_topk", &IMPL::linear_topk);                              \
   m.impl("linear_sample", &IMPL::linear_sample);                          \
   m.impl("kd_shard_stats", &IMPL::kd_shard_stats);                        \

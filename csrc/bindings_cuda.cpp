@@ -14,6 +14,8 @@ TORCH_LIBRARY_IMPL(kdkernels_native, CUDA, m) {
   m.impl("linear_kd_backward", &Impl::linear_kd_backward);
   m.impl("linear_sparse_kd_forward", &Impl::linear_sparse_kd_forward);
   m.impl("linear_sparse_kd_backward", &Impl::linear_sparse_kd_backward);
+  m.impl("linear_kd_fused", &Impl::linear_kd_fused);
+  m.impl("linear_sparse_kd_fused", &Impl::linear_sparse_kd_fused);
   m.impl("linear_topk", &Impl::linear_topk);
   m.impl("linear_sample", &Impl::linear_sample);
   m.impl("kd_shard_stats", &Impl::kd_shard_stats);

@@ -188,6 +188,13 @@ inline Tensor ce_rows(const Tensor& st, const Tensor& lse1, const Tensor& labels
   return at::where(labels >= 0, (lse1 - st.select(1, 3)) * p.ce_weight, at::zeros_like(lse1));
 }
 
+// The hidden states as the weight gradient reads them: rows whose upstream gradient is 0 (ignored rows)
+// zeroed, since they may hold NaN and 0 * NaN is NaN in dW = g^T h (docs/backends.md: such rows
+// contribute exactly 0). An (N, H) copy, next to GEMMs of N x V x H.
+inline Tensor zero_ignored(const Tensor& h, const Tensor& grad_rows) {
+  return at::where((grad_rows != 0).unsqueeze(1), h, at::zeros({}, h.options()));
+}
+
 struct HeadGrads {
   Tensor dh, dh_acc, dw, db;
   bool need_dh, need_dw, need_db, single;
@@ -284,10 +291,13 @@ Tensor kd_backward(const Tensor& zs_in, const Tensor& zt_in, const Tensor& label
 // ---------------------------------------------------------------------------------------------
 // fused_linear_kd_loss: two LM heads, dense teacher.
 
+// zs_all, zt_all: both heads' logits of every column, already computed (the fused path,
+// driver_fused.h); else none.
 template <class Epi>
 Tensors2 linear_kd_forward(const Tensor& hs, const Tensor& ws, const c10::optional<Tensor>& bs,
                            const Tensor& ht, const Tensor& wt, const c10::optional<Tensor>& bt,
-                           const Tensor& labels, const Params& p) {
+                           const Tensor& labels, const Params& p, const Tensor& zs_all = Tensor(),
+                           const Tensor& zt_all = Tensor()) {
   const char* op = "kdkernels_native::linear_kd_forward";
   check_head_pair(op, hs, ws, bs, ht, wt, bt);
   const int64_t n = hs.size(0), v = ws.size(0);
@@ -296,14 +306,16 @@ Tensors2 linear_kd_forward(const Tensor& hs, const Tensor& ws, const c10::option
   const bool kd = p.kd_scale != 0.0 || akl, ce = p.ce_weight != 0.0;  // akl: stats even at kd_weight 0
   const auto o = hs.options().dtype(acc_dtype(hs));
   const Tensor lab = labels.contiguous();
-  const int64_t cols = chunk_cols(n, v, hs.element_size() + (kd ? ht.element_size() : 0), p.chunk_bytes);
+  const bool given = zs_all.defined();
+  const int64_t cols =
+      given ? v : chunk_cols(n, v, hs.element_size() + (kd ? ht.element_size() : 0), p.chunk_bytes);
   const bool single = cols == v;
   Tensor st = lse_state(n, o);
   Tensor zs1, zt1;
   for (int64_t v0 = 0; v0 < v; v0 += cols) {
     const int64_t w = std::min(cols, v - v0);
-    Tensor zs = head_logits(hs, ws, bs, v0, w);
-    Tensor zt = kd ? head_logits(ht, wt, bt, v0, w) : Tensor();
+    Tensor zs = given ? zs_all : head_logits(hs, ws, bs, v0, w);
+    Tensor zt = !kd ? Tensor() : given ? zt_all : head_logits(ht, wt, bt, v0, w);
     match_dtypes(zs, zt);
     Epi::lse_update(zs, zt, v0, lab, st, p);
     if (single) { zs1 = zs; zt1 = zt; }
@@ -358,6 +370,7 @@ Tensors3 linear_kd_backward(const Tensor& hs, const Tensor& ws, const c10::optio
       chunk_cols(n, v, 2 * hs.element_size() + (kd ? ht.element_size() : 0), p.chunk_bytes);
   HeadGrads out(hs, ws, need_dh, need_dw, need_db, cols == v, p.dh_partial);
   if (!(need_dh || need_dw || need_db)) return out.finish(hs);
+  const Tensor hm = need_dw ? zero_ignored(hs, gr) : hs;
   for (int64_t v0 = 0; v0 < v; v0 += cols) {
     const int64_t w = std::min(cols, v - v0);
     Tensor zs = head_logits(hs, ws, bs, v0, w);
@@ -371,7 +384,7 @@ Tensors3 linear_kd_backward(const Tensor& hs, const Tensor& ws, const c10::optio
       Epi::dense_grad(zs, zt, v0, lab, st, gr, g32, p);
       g.copy_(g32);
     }
-    out.add(g, hs, ws, v0, w);
+    out.add(g, hm, ws, v0, w);
   }
   return out.finish(hs);
 }
@@ -389,10 +402,11 @@ inline void check_sparse(const char* op, const Tensor& ids, const Tensor& vals, 
   check_rows(op, "teacher_values", vals, n, ref);
 }
 
+// z_all: the logits of every column, already computed (the fused path, driver_fused.h); else none.
 template <class Epi>
 Tensors2 linear_sparse_kd_forward(const Tensor& hs, const Tensor& ws, const c10::optional<Tensor>& bs,
                                   const Tensor& ids_in, const Tensor& vals_in, const Tensor& labels,
-                                  const Params& p) {
+                                  const Params& p, const Tensor& z_all = Tensor()) {
   const char* op = "kdkernels_native::linear_sparse_kd_forward";
   check_head(op, "student_hidden", hs, "student_weight", ws, "student_bias", bs);
   const int64_t n = hs.size(0), v = ws.size(0);
@@ -404,7 +418,8 @@ Tensors2 linear_sparse_kd_forward(const Tensor& hs, const Tensor& ws, const c10:
   const Tensor ids = ids_in.contiguous(), vals = vals_in.contiguous(), lab = labels.contiguous();
   const int64_t k = ids.size(1);
   const bool tail_out = kd && p.tail != kRenormBoth;  // needs LSE of b over the tokens outside K
-  const int64_t cols = chunk_cols(n, v, hs.element_size() + (tail_out ? 1 : 0), p.chunk_bytes);
+  const int64_t cols =
+      z_all.defined() ? v : chunk_cols(n, v, hs.element_size() + (tail_out ? 1 : 0), p.chunk_bytes);
   Tensor st = lse_state(n, o);
   Tensor st_out = at::empty({n, 2}, o);
   st_out.select(1, 0).fill_(-std::numeric_limits<double>::infinity());
@@ -412,7 +427,7 @@ Tensors2 linear_sparse_kd_forward(const Tensor& hs, const Tensor& ws, const c10:
   Tensor zK = at::zeros({n, k}, o);
   for (int64_t v0 = 0; v0 < v; v0 += cols) {
     const int64_t w = std::min(cols, v - v0);
-    Tensor z = head_logits(hs, ws, bs, v0, w);
+    Tensor z = z_all.defined() ? z_all : head_logits(hs, ws, bs, v0, w);
     Epi::lse_update(z, Tensor(), v0, lab, st, p);
     if (kd) Epi::sparse_gather(z, v0, ids, zK, p);
     if (tail_out) {  // mask (N, W) of the chunk's columns that are valid ids of the row
@@ -466,12 +481,13 @@ Tensors3 linear_sparse_kd_backward(const Tensor& hs, const Tensor& ws, const c10
   const int64_t cols = chunk_cols(n, v, 2 * hs.element_size(), p.chunk_bytes);
   HeadGrads out(hs, ws, need_dh, need_dw, need_db, cols == v, p.dh_partial);
   if (!(need_dh || need_dw || need_db)) return out.finish(hs);
+  const Tensor hm = need_dw ? zero_ignored(hs, gr) : hs;
   for (int64_t v0 = 0; v0 < v; v0 += cols) {
     const int64_t w = std::min(cols, v - v0);
     Tensor z = head_logits(hs, ws, bs, v0, w);
     Tensor g = at::empty({n, w}, hs.options());
     Epi::sparse_grad(z, v0, ids, vals, lab, st, gr, g, p);
-    out.add(g, hs, ws, v0, w);
+    out.add(g, hm, ws, v0, w);
   }
   return out.finish(hs);
 }

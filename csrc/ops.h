@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "driver.h"
+#include "driver_fused.h"
 #include "driver_shard.h"
 
 namespace kdkernels {
@@ -91,6 +92,21 @@ struct Ops {
       const OptTensor& akl_weights) {
     return driver::linear_sparse_kd_backward<Epi>(hs, ws, bs, ids, vals, labels, stats, grad_rows,
                                                   params_from(f, i), need[0], need[1], need[2], akl_weights);
+  }
+  // Fused path (driver_fused.h): (loss, dh, dw, db)
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_kd_fused(
+      const at::Tensor& hs, const at::Tensor& ws, const OptTensor& bs, const at::Tensor& ht,
+      const at::Tensor& wt, const OptTensor& bt, const at::Tensor& labels, const at::Tensor& grad_rows,
+      c10::ArrayRef<double> f, c10::IntArrayRef i, Need need) {
+    return driver::linear_kd_fused<Epi>(hs, ws, bs, ht, wt, bt, labels, grad_rows, params_from(f, i),
+                                        need[0], need[1], need[2]);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_sparse_kd_fused(
+      const at::Tensor& hs, const at::Tensor& ws, const OptTensor& bs, const at::Tensor& ids,
+      const at::Tensor& vals, const at::Tensor& labels, const at::Tensor& grad_rows,
+      c10::ArrayRef<double> f, c10::IntArrayRef i, Need need) {
+    return driver::linear_sparse_kd_fused<Epi>(hs, ws, bs, ids, vals, labels, grad_rows, params_from(f, i),
+                                               need[0], need[1], need[2]);
   }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_topk(
       const at::Tensor& h, const at::Tensor& w, const OptTensor& b, int64_t k, c10::ArrayRef<double> f,
@@ -187,6 +203,24 @@ struct MetaOps {
       const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::ArrayRef<double>, c10::IntArrayRef i,
       Need need, const OptTensor&) {
     return head_grads(hs, ws, need, i);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused(const at::Tensor& hs,
+                                                                         const at::Tensor& ws, Need need) {
+    const auto o = acc(hs);   // the fused path's gradients are in the accumulation dtype
+    return {at::empty_symint({hs.sym_size(0)}, o), need[0] ? at::empty_symint(hs.sym_sizes(), o) : none(hs),
+            need[1] ? at::empty_symint(ws.sym_sizes(), o) : none(hs),
+            need[2] ? at::empty_symint({ws.sym_size(0)}, o) : none(hs)};
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_kd_fused(
+      const at::Tensor& hs, const at::Tensor& ws, const OptTensor&, const at::Tensor&, const at::Tensor&,
+      const OptTensor&, const at::Tensor&, const at::Tensor&, c10::ArrayRef<double>, c10::IntArrayRef,
+      Need need) {
+    return fused(hs, ws, need);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_sparse_kd_fused(
+      const at::Tensor& hs, const at::Tensor& ws, const OptTensor&, const at::Tensor&, const at::Tensor&,
+      const at::Tensor&, const at::Tensor&, c10::ArrayRef<double>, c10::IntArrayRef, Need need) {
+    return fused(hs, ws, need);
   }
   // Shard protocol: lse (N, 3) and picked (N,) in the accumulation dtype; terms (N, 2); bK (N, k)
   static std::tuple<at::Tensor, at::Tensor> shard_lse(const at::Tensor& ref) {

@@ -45,8 +45,9 @@ def linear_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, temperatu
     device = V.same_device(hidden=hidden, weight=weight, bias=bias)
     opts = _head_opts(temperature, softcap, chunk_bytes)
     lead = hidden.shape[:-1]
-    mod = resolve(backend, device.type, "linear_topk")
+    mod = resolve(backend, device.type, "linear_topk", dtype=hidden.dtype)
     lp, ids, lse = mod.linear_topk(hidden.reshape(-1, hidden.shape[-1]), weight, bias, k, opts)
+    V.finite_lse(lse, "hidden, weight or bias")
     return TopK(lp.reshape(*lead, k), ids.reshape(*lead, k), lse.reshape(lead))
 
 
@@ -54,6 +55,8 @@ def _check_pair(hidden, weight, bias) -> None:
     if hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"hidden has size {hidden.shape[-1]} but weight is {tuple(weight.shape)} "
                          f"(expected (V, {hidden.shape[-1]}))")
+    V.nonempty("hidden", hidden.shape[-1], "hidden size (last dim)")
+    V.nonempty("weight", weight.shape[0], "vocabulary size V (rows)")
     V.same_dtype("hidden", hidden, "weight", weight)
     if bias is not None:
         V.tensor("bias", bias, ndim=1, floating=True)
@@ -94,7 +97,8 @@ def linear_sample(hidden: torch.Tensor, weight: torch.Tensor, draws: int, *,
     h = hidden.reshape(-1, hidden.shape[-1])
     u = torch.rand(h.shape[0], draws, generator=generator, device=device, dtype=torch.float64)
     u = torch.sort(u, dim=1).values
-    mod = resolve(backend, device.type, "linear_sample")
+    mod = resolve(backend, device.type, "linear_sample", dtype=hidden.dtype)
     raw, lse = mod.linear_sample(h, weight, bias, u, opts)
+    V.finite_lse(lse, "hidden, weight or bias")
     ids, w = count_unique_sorted(raw, draws)
     return Sample(ids.reshape(*lead, ids.shape[1]), w.reshape(*lead, w.shape[1]), lse.reshape(lead))

@@ -1,8 +1,9 @@
-"""Public loss functions: argument checks, reduction and one backend-agnostic autograd.Function each.
+"""Public loss functions: argument checks, rows and reductions, then the one backend-agnostic
+autograd Function of kdkernels/function.py.
 
-Backends compute per-row losses and per-row statistics in forward, and per-row-weighted gradients in
-backward (docs/backends.md); everything about ignore_index, reductions and normalizers lives here,
-once, for all backends.
+Backends compute per-row losses (and per-row statistics, or the gradients directly on the fused path)
+(docs/backends.md); everything about ignore_index, reductions and normalizers lives here, once, for all
+backends.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import akl as A
+from . import function as F
 from . import validate as V
 from .dispatch import resolve
 from .options import REDUCTIONS, KDOptions
@@ -31,10 +32,6 @@ def _op_name(op: str, opts: KDOptions) -> str:
     return f"{op}(divergence='akl')" if opts.divergence == "akl" else op
 
 
-def _akl_extra(weights: Optional[torch.Tensor]) -> dict:
-    return {} if weights is None else {"akl_weights": weights}
-
-
 def _options_from(args: dict) -> KDOptions:
     """The KDOptions among a public function's arguments (its locals())."""
     return _options(**{k: args[k] for k in KDOptions.__dataclass_fields__ if k in args})
@@ -45,6 +42,10 @@ def check_logits_args(a: dict) -> tuple[torch.device, KDOptions]:
     zs, zt, labels = a["student_logits"], a["teacher_logits"], a["labels"]
     V.tensor("student_logits", zs, min_ndim=1, floating=True)
     V.tensor("teacher_logits", zt, min_ndim=1, floating=True)
+    V.teacher_dtype("student_logits", zs, teacher_logits=zt)
+    if a.get("process_group") is None:    # a vocabulary shard may hold no column
+        V.nonempty("student_logits", zs.shape[-1], "vocabulary size V (last dim)")
+        V.nonempty("teacher_logits", zt.shape[-1], "vocabulary size V (last dim)")
     if zs.shape[:-1] != zt.shape[:-1]:
         raise ValueError(f"student_logits {tuple(zs.shape)} and teacher_logits "
                          f"{tuple(zt.shape)} must have the same leading (row) shape")
@@ -58,7 +59,13 @@ def check_linear_args(a: dict) -> tuple[torch.device, KDOptions]:
     """Argument checks of fused_linear_kd_loss (and its vocab-parallel form)."""
     hs, ht, labels = a["student_hidden"], a["teacher_hidden"], a["labels"]
     _check_head("student", hs, a["student_weight"], a["student_bias"])
+    V.teacher_dtype("student_hidden", hs, teacher_hidden=ht, teacher_weight=a["teacher_weight"],
+                    teacher_bias=a["teacher_bias"])
     _check_head("teacher", ht, a["teacher_weight"], a["teacher_bias"])
+    for side, h in (("student", hs), ("teacher", ht)):
+        V.nonempty(f"{side}_hidden", h.shape[-1], "hidden size (last dim)")
+        if a.get("process_group") is None:    # a vocabulary shard may hold no row
+            V.nonempty(f"{side}_weight", a[f"{side}_weight"].shape[0], "vocabulary size V (rows)")
     if hs.shape[:-1] != ht.shape[:-1]:
         raise ValueError(f"student_hidden {tuple(hs.shape)} and teacher_hidden "
                          f"{tuple(ht.shape)} must have the same leading (row) shape")
@@ -74,6 +81,9 @@ def check_sparse_args(a: dict) -> tuple[torch.device, KDOptions]:
     """Argument checks of fused_linear_sparse_kd_loss (and its vocab-parallel form)."""
     hs, ids, vals, labels = a["student_hidden"], a["teacher_ids"], a["teacher_values"], a["labels"]
     _check_head("student", hs, a["student_weight"], a["student_bias"])
+    V.nonempty("student_hidden", hs.shape[-1], "hidden size (last dim)")
+    if a.get("process_group") is None:    # a vocabulary shard may hold no row
+        V.nonempty("student_weight", a["student_weight"].shape[0], "vocabulary size V (rows)")
     V.tensor("teacher_ids", ids, min_ndim=1, integer=True)
     V.tensor("teacher_values", vals, min_ndim=1, floating=True)
     if ids.shape != vals.shape:
@@ -82,6 +92,7 @@ def check_sparse_args(a: dict) -> tuple[torch.device, KDOptions]:
     if ids.shape[:-1] != hs.shape[:-1]:
         raise ValueError(f"teacher_ids {tuple(ids.shape)} must be (*rows, k) with the rows of "
                          f"student_hidden {tuple(hs.shape[:-1])}")
+    V.nonempty("teacher_ids", ids.shape[-1], "k (slots per row, last dim)")
     if labels is not None:
         V.tensor("labels", labels, integer=True)
     device = V.same_device(**{k: a[k] for k in ("student_hidden", "student_weight", "student_bias",
@@ -115,7 +126,7 @@ class _Rows:
         if normalizer is not None:
             if reduction != "mean":
                 raise ValueError("normalizer= only applies to reduction='mean'")
-            self.denom = torch.as_tensor(normalizer, dtype=torch.float32, device=device).reshape(())
+            self.denom = V.normalizer(normalizer, device)
         else:
             self.denom = self.mask.sum().clamp_min(1).to(torch.float32)
 
@@ -126,13 +137,7 @@ class _Rows:
         total = loss_rows.sum()
         return total / self.denom if self.reduction == "mean" else total
 
-    @staticmethod
-    def grad_rows(grad_out: torch.Tensor, reduction: str, mask: torch.Tensor, denom: torch.Tensor):
-        g = grad_out.to(denom.dtype) if grad_out.dtype != torch.float64 else grad_out
-        g = g.reshape(-1) if reduction == "none" else g.expand(mask.shape)
-        if reduction == "mean":
-            g = g / denom
-        return torch.where(mask, g, 0.0)
+    grad_rows = staticmethod(F.row_gradient)
 
 
 def _flatten_rows(name: str, t: torch.Tensor) -> torch.Tensor:
@@ -152,27 +157,6 @@ def _vocab_parallel(op: str, args: dict) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------------
 # kd_loss: logits-level
-
-
-class _KDLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, zs, zt, rows: _Rows, backend, opts: KDOptions, lead_shape):
-        loss_rows, stats = backend.kd_forward(zs, zt, rows.ce_labels, opts)
-        w = None
-        if opts.divergence == "akl":
-            V.finite_loss(stats[:, -1], rows.mask, "student_logits or teacher_logits")
-            loss_rows, w = A.finish_logits(loss_rows, stats, zs, zt, opts, rows.mask)
-        V.finite_loss(loss_rows, rows.mask, "student_logits or teacher_logits")
-        ctx.save_for_backward(zs, zt, rows.ce_labels, rows.mask, rows.denom, stats, w)
-        ctx.backend, ctx.opts, ctx.reduction = backend, opts, rows.reduction
-        return rows.reduce(loss_rows, lead_shape)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        zs, zt, ce_labels, mask, denom, stats, w = ctx.saved_tensors
-        grad_rows = _Rows.grad_rows(grad_out, ctx.reduction, mask, denom)
-        g = ctx.backend.kd_backward(zs, zt, ce_labels, stats, grad_rows, ctx.opts, **_akl_extra(w))
-        return g, None, None, None, None, None
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
@@ -200,8 +184,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     if v != zt.shape[1]:
         zt = zt[:, :v]
     rows = _Rows(labels, zs.shape[0], device, opts, reduction, normalizer, v)
-    mod = resolve(backend, device.type, _op_name("kd_loss", opts))
-    return _KDLoss.apply(zs, zt.detach(), rows, mod, opts, lead)
+    mod = resolve(backend, device.type, _op_name("kd_loss", opts), dtype=zs.dtype)
+    return F.apply(F.KD, mod, opts, rows, lead, zs, zt.detach())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,30 +211,6 @@ def _cut_head(w: torch.Tensor, b: Optional[torch.Tensor], v: int):
     if v == w.shape[0]:
         return w, b
     return w[:v], (b[:v] if b is not None else None)
-
-
-class _LinearKDLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, rows: _Rows, backend, opts, lead_shape):
-        loss_rows, stats = backend.linear_kd_forward(hs, ws, bs, ht, wt, bt, rows.ce_labels, opts)
-        w = None
-        if opts.divergence == "akl":
-            V.finite_loss(stats[:, -1], rows.mask, "the hidden states or LM-head weights")
-            loss_rows, w = A.finish_linear(loss_rows, stats, backend, hs, ws, bs, ht, wt, bt, opts,
-                                           rows.mask)
-        V.finite_loss(loss_rows, rows.mask, "the hidden states or LM-head weights")
-        ctx.save_for_backward(hs, ws, bs, ht, wt, bt, rows.ce_labels, rows.mask, rows.denom, stats, w)
-        ctx.backend, ctx.opts, ctx.reduction = backend, opts, rows.reduction
-        return rows.reduce(loss_rows, lead_shape)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        hs, ws, bs, ht, wt, bt, ce_labels, mask, denom, stats, w = ctx.saved_tensors
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bs is not None and ctx.needs_input_grad[2])
-        grad_rows = _Rows.grad_rows(grad_out, ctx.reduction, mask, denom)
-        dh, dw, db = ctx.backend.linear_kd_backward(hs, ws, bs, ht, wt, bt, ce_labels, stats,
-                                                    grad_rows, ctx.opts, need, **_akl_extra(w))
-        return dh, dw, db, None, None, None, None, None, None, None
 
 
 def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -282,36 +242,13 @@ def fused_linear_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Ten
     ws, bs = _cut_head(student_weight, student_bias, v)
     wt, bt = _cut_head(teacher_weight, teacher_bias, v)
     rows = _Rows(labels, hs.shape[0], device, opts, reduction, normalizer, v)
-    mod = resolve(backend, device.type, _op_name("fused_linear_kd_loss", opts))
-    return _LinearKDLoss.apply(hs, ws, bs, ht.detach(), wt.detach(),
-                               bt.detach() if bt is not None else None, rows, mod, opts, lead)
+    mod = resolve(backend, device.type, _op_name("fused_linear_kd_loss", opts), dtype=hs.dtype)
+    return F.apply(F.LINEAR_KD, mod, opts, rows, lead, hs, ws, bs, ht.detach(), wt.detach(),
+                   bt.detach() if bt is not None else None)
 
 
 # --------------------------------------------------------------------------------------------------
 # fused_linear_sparse_kd_loss: cached sparse teacher
-
-
-class _LinearSparseKDLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hs, ws, bs, ids, vals, rows: _Rows, backend, opts, lead_shape):
-        loss_rows, stats = backend.linear_sparse_kd_forward(hs, ws, bs, ids, vals, rows.ce_labels, opts)
-        w = None
-        if opts.divergence == "akl":
-            V.finite_loss(stats[:, -1], rows.mask, "student_hidden or student_weight")
-            loss_rows, w = A.finish_sparse(loss_rows, stats, hs, ws, bs, ids, vals, opts, rows.mask)
-        V.finite_loss(loss_rows, rows.mask, "student_hidden or student_weight")
-        ctx.save_for_backward(hs, ws, bs, ids, vals, rows.ce_labels, rows.mask, rows.denom, stats, w)
-        ctx.backend, ctx.opts, ctx.reduction = backend, opts, rows.reduction
-        return rows.reduce(loss_rows, lead_shape)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        hs, ws, bs, ids, vals, ce_labels, mask, denom, stats, w = ctx.saved_tensors
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bs is not None and ctx.needs_input_grad[2])
-        grad_rows = _Rows.grad_rows(grad_out, ctx.reduction, mask, denom)
-        dh, dw, db = ctx.backend.linear_sparse_kd_backward(hs, ws, bs, ids, vals, ce_labels, stats,
-                                                           grad_rows, ctx.opts, need, **_akl_extra(w))
-        return dh, dw, db, None, None, None, None, None, None
 
 
 def fused_linear_sparse_kd_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -337,7 +274,7 @@ def fused_linear_sparse_kd_loss(student_hidden: torch.Tensor, student_weight: to
     lead = student_hidden.shape[:-1]
     hs = _flatten_rows("student_hidden", student_hidden)
     ids = _flatten_rows("teacher_ids", teacher_ids).long()
-    vals = _flatten_rows("teacher_values", teacher_values).detach()
+    vals = _flatten_rows("teacher_values", teacher_values).detach().to(V.values_dtype(hs.dtype))
     full_v = student_weight.shape[0]
     v = full_v if vocab_size is None else V.common_vocab(full_v, vocab_size, vocab_size)
     if ids.shape[1] > v:
@@ -346,5 +283,5 @@ def fused_linear_sparse_kd_loss(student_hidden: torch.Tensor, student_weight: to
     V.sparse_teacher(ids, vals, v, opts.values)
     ws, bs = _cut_head(student_weight, student_bias, v)
     rows = _Rows(labels, hs.shape[0], device, opts, reduction, normalizer, v)
-    mod = resolve(backend, device.type, _op_name("fused_linear_sparse_kd_loss", opts))
-    return _LinearSparseKDLoss.apply(hs, ws, bs, ids, vals, rows, mod, opts, lead)
+    mod = resolve(backend, device.type, _op_name("fused_linear_sparse_kd_loss", opts), dtype=hs.dtype)
+    return F.apply(F.LINEAR_SPARSE_KD, mod, opts, rows, lead, hs, ws, bs, ids, vals)

@@ -40,3 +40,14 @@ def assert_close_to_reference(what: str, got: torch.Tensor, ref: torch.Tensor, t
     eps = torch.finfo(got.dtype).eps if got.is_floating_point() else 0.0
     bound = 2 * e_ref + ulps * max(eps, 2.0 ** -23) * max(scale, 1e-3)
     assert e_got <= bound, f"{what}: error {e_got:.3e} > 2 x torch backend {e_ref:.3e} + floor"
+
+
+def lse_stats(stats: torch.Tensor) -> torch.Tensor:
+    """The torch backend's non-AKL stats in the layout of the other backends: its LSE columns hold
+    hi + lo as two numbers (kdkernels/backends/torch/common.py lse_pair), the lo parts after the first
+    four columns (sparse: LSE(b), LSE(z); dense: LSE(b), LSE(z), LSE(a)). Returns the four columns
+    [LSE, LSE(z), ., S] with each LSE summed."""
+    out = stats[:, :4].clone()
+    lo = stats[:, 4:]
+    out[:, :lo.shape[1]] += lo
+    return out

@@ -199,20 +199,57 @@ def logit_scale(case: Case, temperature: float) -> float:
     return m / temperature
 
 
+def _truth_and_logit_grad(case: Case, opts: dict, grad_output):
+    """The float64 truth, and |d total / d student logits| (N, V) from the same run (None for the
+    logits form: no GEMM). The student logits are the reference's one head_logits output that
+    requires a gradient."""
+    captured = []
+    original = R.head_logits
+
+    def spy(*a, **k):
+        z = original(*a, **k)
+        if z.requires_grad:
+            z.retain_grad()
+            captured.append(z)
+        return z
+
+    R.head_logits = spy
+    try:
+        truth = run(case, "truth", opts, grad_output)
+    finally:
+        R.head_logits = original
+    g = captured[0].grad if captured else None
+    return truth, (None if g is None or case.form == "logits" else g.abs())
+
+
+def gemm_floors(case: Case, g: Optional[torch.Tensor]) -> dict:
+    """Per head gradient, the rounding its GEMM may add in any summation order (R.gemm_floor):
+    dh = G @ W sums over V, dW = G^T @ h and db = sum G over the N rows."""
+    if g is None:
+        return {}
+    t = case.tensors
+    w = t["student_weight"].double().abs()[: g.shape[1]]
+    h = t["student_hidden"].double().abs().reshape(-1, w.shape[1])
+    return {"student_hidden": R.gemm_floor(g, w), "student_weight": R.gemm_floor(g.T, h),
+            "student_bias": R.gemm_floor(g.T, torch.ones(g.shape[0], 1, dtype=g.dtype))}
+
+
 def check(case: Case, opts: dict, grad_output=None, ulps: Optional[float] = None):
     """kdkernels vs truth, bounded by 2x naive's error + floor, for the loss and every gradient.
     Returns the kdkernels result for further checks."""
     got = run(case, "kd", opts, grad_output)
-    truth = run(case, "truth", opts, grad_output)
+    truth, logit_grad = _truth_and_logit_grad(case, opts, grad_output)
     naive = run(case, "naive", opts, grad_output)
     kw = {"logit_scale": logit_scale(case, opts.get("temperature", 1.0))}
     if ulps is not None:
         kw["ulps"] = ulps
     R.assert_like_naive("loss", got[0], truth[0], naive[0], **kw)
+    gemm = gemm_floors(case, logit_grad)
     for name in case.grads:
         assert got[1][name] is not None, f"no gradient for {name}"
         assert got[1][name].dtype == case.tensors[name].dtype, f"d{name} dtype {got[1][name].dtype}"
-        R.assert_like_naive(f"d {name}", got[1][name], truth[1][name], naive[1][name], **kw)
+        R.assert_like_naive(f"d {name}", got[1][name], truth[1][name], naive[1][name],
+                            gemm_floor=gemm.get(name, 0.0), **kw)
     return got
 
 

@@ -119,3 +119,19 @@ def test_import_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[] False", out.stdout
+
+
+def test_auto_order_is_the_measured_table():
+    """"auto" follows the measured table (kdkernels/dispatch.py): every op has an order ending in the
+    torch backend, the head ops prefer native on CUDA (H200 figures), kd_loss prefers triton, and the
+    divergence suffix of an op name does not change its entry."""
+    from kdkernels import dispatch
+    for op in ("kd_loss", "fused_linear_kd_loss", "fused_linear_sparse_kd_loss", "linear_topk",
+               "linear_sample"):
+        for dev in ("cuda", "cpu"):
+            order = dispatch._auto_order(dev, op)
+            assert order[-1] == "torch" and len(set(order)) == len(order), (dev, op, order)
+        assert "triton" not in dispatch._auto_order("cpu", op)
+    assert dispatch._auto_order("cuda", "fused_linear_sparse_kd_loss")[0] == "native"
+    assert dispatch._auto_order("cuda", "fused_linear_kd_loss(divergence='akl')")[0] == "native"
+    assert dispatch._auto_order("cuda", "kd_loss")[0] == "triton"

@@ -134,13 +134,17 @@ def _vh(shapes):
 
 
 def _record_need(monkeypatch):
+    """(need, which gradients came back) of every gradient call: the backward pieces, or the fused
+    pieces a scalar training loss takes (their first output is the loss)."""
     seen = []
-    for name in ("linear_kd_backward", "linear_sparse_kd_backward"):
+    for name in ("linear_kd_backward", "linear_sparse_kd_backward", "linear_kd_fused",
+                 "linear_sparse_kd_fused"):
         real = getattr(torch_backend, name)
+        skip = 1 if name.endswith("_fused") else 0
 
-        def wrapped(*args, _real=real):
+        def wrapped(*args, _real=real, _skip=skip):
             out = _real(*args)
-            seen.append((args[-1], tuple(g is not None for g in out)))
+            seen.append((args[-1], tuple(g is not None for g in out[_skip:])))
             return out
         monkeypatch.setattr(torch_backend, name, wrapped)
     return seen

@@ -141,7 +141,9 @@ def _global_dense_stats(d, op, opts, labels_global=None):
             z = opts.student_softcap * torch.tanh(z / opts.student_softcap)
         st = st.clone()
         st[:, 1] = torch.logsumexp(z, 1)
-    return st
+        st[:, 5] = 0
+    # the torch backend keeps each LSE as hi + lo (columns 4, 5, 6): the shard layout wants the sums
+    return torch.cat([st[:, 0:3] + st[:, 4:7], st[:, 3:4]], 1)
 
 
 @pytest.mark.parametrize("op", ["logits", "linear"])
@@ -269,6 +271,8 @@ def check_sparse_case(native, case, device):
     # backward with the global stats [lse, LSE(z_s), h_Q, S] of the whole vocabulary (torch backend)
     lab = torch.where(labels == -1, -1, 0)     # any valid label: only LSE(z_s) is read from the stats
     _, gst = sparse.linear_sparse_kd_forward(d["hs"], d["ws"], d["bs"], ids, vals.double(), lab, opts)
+    # the torch backend keeps each LSE as hi + lo (columns 4, 5): the shard layout wants the sums
+    gst = torch.cat([gst[:, 0:1] + gst[:, 4:5], gst[:, 1:2] + gst[:, 5:6], gst[:, 2:4]], 1)
     lpK, _ = _local_teacher(ids, vals, local_ids, opts)
     need = (True, True, kw.get("bias", False))
     r64 = ref.linear_sparse_kd_shard_backward(*a64, local_ids, lpK.double(), labels, gst,

@@ -303,6 +303,8 @@ def test_sparse_id_cursor_edge_cases(divergence):
         kw = dict(akl_weights=w.to(dt)) if divergence == "akl" else {}
         dh, dw, _ = mod.linear_sparse_kd_backward(a, b, None, ids, vv, labels, stats, go, opts,
                                                   (True, True, False), **kw)
+        if divergence != "akl" and name != "triton":
+            stats = U.lse_stats(stats)
         res[name] = (loss, stats[:, -5:] if divergence == "akl" else stats[:, [0, 2, 3]], dh, dw)
     for i, what in enumerate(("loss", "stats", "dh", "dw")):
         U.assert_close_to_reference(what, res["triton"][i], res["torch"][i], res["truth"][i].float())

@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import Optional
 
 from ._loader import NativeBuildError, is_loaded_or_prebuilt as _prebuilt, missing_tools
-from ._ops import (kd_backward, kd_forward, linear_kd_backward, linear_kd_forward, linear_sample,
-                   linear_sparse_kd_backward, linear_sparse_kd_forward, linear_topk)
+from ._ops import (kd_backward, kd_forward, linear_kd_backward, linear_kd_forward, linear_kd_fused,
+                   linear_sample, linear_sparse_kd_backward, linear_sparse_kd_forward,
+                   linear_sparse_kd_fused, linear_topk)
 from ._shard import (kd_shard_backward, kd_shard_stats, kd_shard_terms, linear_kd_shard_backward,
                      linear_kd_shard_stats, linear_kd_shard_terms, linear_sparse_kd_shard_backward,
                      linear_sparse_kd_shard_stats)
@@ -43,7 +44,8 @@ def availability(device_type: str) -> Optional[str]:
 
 __all__ = ["kd_forward", "kd_backward", "linear_kd_forward", "linear_kd_backward",
            "linear_sparse_kd_forward", "linear_sparse_kd_backward", "linear_topk", "linear_sample",
-           "availability", "is_loaded_or_prebuilt", "NativeBuildError", "NAME",
+           "linear_kd_fused", "linear_sparse_kd_fused", "availability", "is_loaded_or_prebuilt",
+           "NativeBuildError", "NAME",
            # the shard protocol of the vocab-parallel losses (kdkernels/distributed/shard_torch.py)
            "kd_shard_stats", "kd_shard_terms", "kd_shard_backward", "linear_kd_shard_stats",
            "linear_kd_shard_terms", "linear_kd_shard_backward", "linear_sparse_kd_shard_stats",

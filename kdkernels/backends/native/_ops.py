@@ -64,6 +64,20 @@ def linear_sparse_kd_backward(hs, ws, bs, ids, vals, labels, stats, grad_rows, o
     return _grads(out, need)
 
 
+def linear_kd_fused(hs, ws, bs, ht, wt, bt, labels, grad_rows, opts: KDOptions, need):
+    need = [bool(n) for n in need]
+    loss, *grads = _ops(hs.device).linear_kd_fused(hs, ws, bs, ht, wt, bt, labels, grad_rows,
+                                                   *options_lists(opts), need)
+    return (loss, *_grads(grads, need))
+
+
+def linear_sparse_kd_fused(hs, ws, bs, ids, vals, labels, grad_rows, opts: KDOptions, need):
+    need = [bool(n) for n in need]
+    loss, *grads = _ops(hs.device).linear_sparse_kd_fused(hs, ws, bs, ids, vals, labels, grad_rows,
+                                                          *options_lists(opts), need)
+    return (loss, *_grads(grads, need))
+
+
 def linear_topk(h, w, b, k: int, opts: KDOptions):
     return tuple(_ops(h.device).linear_topk(h, w, b, int(k), *options_lists(opts)))
 

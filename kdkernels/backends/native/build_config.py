@@ -18,7 +18,7 @@ CUDA_NAME = "kdkernels_native_cuda"
 CPU_SOURCES = ["bindings.cpp", "cpu/epilogue_cpu.cpp", "cpu/sample_cpu.cpp"]
 CUDA_SOURCES = ["bindings_cuda.cpp", "cuda/epilogue_cuda.cu"]
 CUDA_HEADERS = ["cuda/block.cuh"]
-HEADERS = ["epilogue.h", "dispatch.h", "driver.h", "driver_shard.h", "ops.h",
+HEADERS = ["epilogue.h", "dispatch.h", "driver.h", "driver_fused.h", "driver_shard.h", "ops.h",
            "include/kdkernels/numeric.cuh", "include/kdkernels/divergence.cuh",
            "include/kdkernels/sparse_row.cuh", "include/kdkernels/topk.cuh"]
 INCLUDE_DIRS = ["", "include"]  # relative to csrc/

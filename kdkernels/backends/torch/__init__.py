@@ -4,9 +4,10 @@
 Backend contract (every backend module exports these, no autograd inside; see docs/backends.md):
     kd_forward, kd_backward, linear_kd_forward, linear_kd_backward,
     linear_sparse_kd_forward, linear_sparse_kd_backward, linear_topk, linear_sample
+and the optional fused pieces linear_kd_fused, linear_sparse_kd_fused.
 """
-from .dense import kd_backward, kd_forward, linear_kd_backward, linear_kd_forward
-from .sparse import linear_sparse_kd_backward, linear_sparse_kd_forward
+from .dense import kd_backward, kd_forward, linear_kd_backward, linear_kd_forward, linear_kd_fused
+from .sparse import linear_sparse_kd_backward, linear_sparse_kd_forward, linear_sparse_kd_fused
 from .topk import linear_sample, linear_topk
 
 NAME = "torch"
@@ -18,5 +19,6 @@ def availability(device_type: str) -> str | None:
 
 
 __all__ = ["kd_forward", "kd_backward", "linear_kd_forward", "linear_kd_backward",
-           "linear_sparse_kd_forward", "linear_sparse_kd_backward", "linear_topk", "linear_sample",
+           "linear_sparse_kd_forward", "linear_sparse_kd_backward",
+           "linear_kd_fused", "linear_sparse_kd_fused", "linear_topk", "linear_sample",
            "availability", "NAME"]

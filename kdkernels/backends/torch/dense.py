@@ -3,11 +3,16 @@
 Per row (docs/semantics.md):
     loss = kd_scale * sum_j f(p_j, q_j) + ce_weight * (LSE(z_s) - z_s[y])
     dloss/dz_s_j = [kd_scale / T * (qh_j - q_j S) + ce_weight * (softmax(z_s)_j - [j = y])] * dz/dx
-Rows are processed in blocks whose fp32 temporaries fit opts.chunk_bytes; the backward recomputes
-each block's logits, so nothing of size N x V is ever held. Saved per row: stats = [LSE(b), LSE(z_s),
-LSE(a), S] (fp32, N x 4).
-divergence="akl" (docs/backends.md): the loss holds the CE part only and stats are N x 9,
-[LSE(b), LSE(z_s), LSE(a), S of forward KL, lse_p = LSE(a), lse_q = LSE(b), fkl, rkl, tv]; the
+Rows are processed in blocks whose fp32 temporaries fit opts.chunk_bytes, so nothing of size N x V is
+ever held. Two paths (docs/backends.md):
+  - forward / backward: the forward saves O(1) stats per row, the backward recomputes each block's
+    logits (head GEMMs: 2 forward + 1 recompute, then dH and dW);
+  - fused (scalar losses): per block the logits, then the loss and the logit gradient from the same
+    logits, then dH and dW: no recompute.
+Each LSE is kept as two fp32 numbers hi + lo (common.lse_pair). Saved per row: stats = [LSE(b), LSE(z_s),
+LSE(a), S, lo(b), lo(z_s), lo(a)] (fp32, N x 7, LSE = hi + lo, the first three columns the hi parts).
+divergence="akl" (docs/backends.md): the loss holds the CE part only and stats are N x 12,
+[LSE(b), LSE(z_s), LSE(a), S of forward KL, lo(b), lo(z_s), lo(a), lse_p, lse_q, fkl, rkl, tv]; the
 backward takes the per-row weights [w_h, w_t] and uses qh = w_h qh_fkl + w_t qh_rkl,
 S = w_h S_fkl + w_t rkl.
 """
@@ -18,33 +23,38 @@ from typing import Optional
 import torch
 
 from ...options import KDOptions
-from .common import acc, acc_dtype, add_ce_grad, ce_rows, finish_grad, row_block, softcap
+from .common import (acc, acc_dtype, add_ce_grad, ce_rows, finish_grad, log_softmax_pair, lse_pair,
+                     row_block, softcap)
 from .terms import akl_terms, element_terms
 
 _TEMPS = 12  # fp32 (rows, V) temporaries alive at once in the block math below
 
 
 def _block_forward(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, opts: KDOptions):
+    """(loss, stats) of one block of fp32 logits (stats layout: module docstring)."""
     T = opts.temperature
     b, a = zs / T, zt / T
-    lse_b, lse_a = torch.logsumexp(b, 1), torch.logsumexp(a, 1)
-    lse1 = torch.logsumexp(zs, 1) if opts.ce_weight else torch.zeros_like(lse_b)
-    loss = torch.zeros_like(lse_b)
-    S = torch.zeros_like(lse_b)
+    hb, lb = lse_pair(b)
+    ha, la = lse_pair(a)
+    h1, l1 = lse_pair(zs) if opts.ce_weight else (torch.zeros_like(hb), torch.zeros_like(hb))
+    lse_b, lse_a = hb + lb, ha + la
+    loss = torch.zeros_like(hb)
+    S = torch.zeros_like(hb)
+    lo = [lb, l1, la]
     if opts.divergence == "akl":
-        lp = a - lse_a.unsqueeze(1)
-        fkl, rkl, tv = (t.sum(1) for t in akl_terms(lp, b - lse_b.unsqueeze(1)))
+        lp = log_softmax_pair(a, ha, la)
+        fkl, rkl, tv = (t.sum(1) for t in akl_terms(lp, log_softmax_pair(b, hb, lb)))
         if opts.ce_weight:
-            loss = opts.ce_weight * ce_rows(zs, lse1, labels)
+            loss = opts.ce_weight * ce_rows(zs, (h1, l1), labels)
         s_fkl = -lp.exp().sum(1)
-        return loss, torch.stack([lse_b, lse1, lse_a, s_fkl, lse_a, lse_b, fkl, rkl, tv], 1)
+        return loss, torch.stack([hb, h1, ha, s_fkl, *lo, lse_a, lse_b, fkl, rkl, tv], 1)
     if opts.kd_weight:
-        f, qh = element_terms(a - lse_a.unsqueeze(1), b - lse_b.unsqueeze(1), opts)
+        f, qh = element_terms(log_softmax_pair(a, ha, la), log_softmax_pair(b, hb, lb), opts)
         loss = opts.kd_scale * f.sum(1)
         S = qh.sum(1)
     if opts.ce_weight:
-        loss = loss + opts.ce_weight * ce_rows(zs, lse1, labels)
-    return loss, torch.stack([lse_b, lse1, lse_a, S], 1)
+        loss = loss + opts.ce_weight * ce_rows(zs, (h1, l1), labels)
+    return loss, torch.stack([hb, h1, ha, S, *lo], 1)
 
 
 def _block_grad(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor,
@@ -54,20 +64,20 @@ def _block_grad(zs: torch.Tensor, zt: torch.Tensor, labels: torch.Tensor, stats:
     T = opts.temperature
     g = torch.zeros_like(zs)
     if opts.kd_weight:
-        lq = zs / T - stats[:, 0:1]
-        lp = zt / T - stats[:, 2:3]
+        lq = log_softmax_pair(zs / T, stats[:, 0], stats[:, 4])
+        lp = log_softmax_pair(zt / T, stats[:, 2], stats[:, 6])
         _, qh = element_terms(lp, lq, opts, akl_weights)
         S = stats[:, 3:4]
         if opts.divergence == "akl":    # S = w_h S_fkl + w_t rkl
-            S = (akl_weights * stats[:, [3, 7]]).sum(1, keepdim=True)
+            S = (akl_weights * stats[:, [3, -2]]).sum(1, keepdim=True)
         g = (qh - lq.exp() * S) * (opts.kd_scale / T)
     if opts.ce_weight:
-        g = add_ce_grad(g, zs, stats[:, 1], labels, opts.ce_weight)
+        g = add_ce_grad(g, zs, (stats[:, 1], stats[:, 5]), labels, opts.ce_weight)
     return finish_grad(g, zs, cap, grad_rows)
 
 
 def _stats_width(opts: KDOptions) -> int:
-    return 9 if opts.divergence == "akl" else 4
+    return 12 if opts.divergence == "akl" else 7
 
 
 def _weights(akl_weights: Optional[torch.Tensor], s: slice) -> Optional[torch.Tensor]:
@@ -127,16 +137,30 @@ def head_grads(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, need, dh, dw32
     NaN hidden states (ignored rows): they are zeroed so that 0 * NaN does not reach dW."""
     need_dh, need_dw, need_db = need
     if need_dh:
-        dh[s] = (g.to(w.dtype) @ w).to(dh.dtype)
+        dh[s] = mm_into(g.to(w.dtype), w, dh.dtype)
     if need_dw:
         dw32.addmm_(g.T, torch.where((grad_rows != 0).unsqueeze(1), acc(h), 0.0))
     if need_db:
         db32.add_(g.sum(0))
 
 
-def alloc_head_grads(h, w, need):
+def mm_into(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b rounded once to `dtype` (fp32 accumulation); fp16/bf16 operands with an fp32 result use
+    the GEMM's fp32 output on CUDA, fp32 operands elsewhere (no CPU kernel has that output)."""
+    if a.dtype == dtype:
+        return a @ b
+    if dtype == torch.float32 and a.dtype in (torch.float16, torch.bfloat16):
+        if a.is_cuda:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return a.float() @ b.float()
+    return (a @ b).to(dtype)
+
+
+def alloc_head_grads(h, w, need, acc_out: bool = False):
+    """dh (in h's dtype, or the accumulation dtype with acc_out), fp32 dW and db accumulators."""
     need_dh, need_dw, need_db = need
-    dh = torch.empty_like(h) if need_dh else None
+    dh = (torch.empty(h.shape, dtype=acc_dtype(h), device=h.device) if acc_out else torch.empty_like(h)) \
+        if need_dh else None
     dw32 = torch.zeros(w.shape, dtype=acc_dtype(w), device=w.device) if need_dw else None
     db32 = torch.zeros(w.shape[0], dtype=acc_dtype(w), device=w.device) if need_db else None
     return dh, dw32, db32
@@ -161,3 +185,21 @@ def linear_kd_backward(hs, ws, bs, ht, wt, bt, labels, stats, grad_rows, opts: K
                         _weights(akl_weights, s))
         head_grads(g, hs[s], ws, need, dh, dw32, db32, s, grad_rows[s])
     return finish_head_grads(dh, dw32, db32, ws, bs)
+
+
+def linear_kd_fused(hs, ws, bs, ht, wt, bt, labels, grad_rows, opts: KDOptions, need):
+    """Loss and gradients in one pass (docs/backends.md, "Fused path"): per block of rows the two
+    heads' logits, the loss, the logit gradient from the same logits (weighted by grad_rows), dH, dW.
+    Gradients in the accumulation dtype (the frontend scales them, then rounds once)."""
+    n, v = hs.shape[0], ws.shape[0]
+    loss = hs.new_empty(n, dtype=acc_dtype(hs))
+    dh, dw32, db32 = alloc_head_grads(hs, ws, need, acc_out=True)
+    step = row_block(n, v, opts.chunk_bytes, _TEMPS)
+    for r in range(0, n, step):
+        s = slice(r, r + step)
+        zs = linear_logits(hs[s], ws, bs, opts.student_softcap)
+        zt = linear_logits(ht[s], wt, bt, opts.teacher_softcap)
+        loss[s], st = _block_forward(zs, zt, labels[s], opts)
+        g = _block_grad(zs, zt, labels[s], st, grad_rows[s], opts.student_softcap, opts)
+        head_grads(g, hs[s], ws, need, dh, dw32, db32, s, grad_rows[s])
+    return loss, dh, dw32, db32

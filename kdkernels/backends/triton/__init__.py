@@ -17,6 +17,9 @@ NAME = "triton"
 MAX_TOPK = 256   # linear_topk's largest k (heads.MAX_K; kept here so that reading it imports no kernel)
 # Public ops not implemented yet (kdkernels.dispatch: an explicit request raises, "auto" skips us).
 UNSUPPORTED_OPS: tuple = ()
+# The kernels compute in float32 whatever the input dtype (kdkernels.dispatch: an explicit request
+# with float64 inputs raises, "auto" skips us for them).
+FLOAT64 = False
 _KERNELS = ("losses", "heads", "shard")
 _loaded_interpreted: Optional[bool] = None   # the TRITON_INTERPRET mode the kernels were built in
 

@@ -105,6 +105,7 @@ def check(n=1029, v=32007, h=512, k=64, dtype=torch.bfloat16, device="cuda", see
                                                  (*args, loc, lab, opts), "xxx---", dtype), rep)
                 _, st = torch_sparse.linear_sparse_kd_forward(hs.double(), ws.double(), bs.double(),
                                                               ids, vals.double(), ce, opts)
+                st = st[:, :4]   # float64: the torch backend's lo columns (4, 5) are 0
                 lpK, _ = _local_teacher(ids, vals, loc, opts)
                 _compare(name + " backward", _three(
                     TRITON, "linear_sparse_kd_shard_backward",
